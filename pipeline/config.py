@@ -1,0 +1,771 @@
+"""Typed model and dataset configs: stable-audio-tools (SAT) JSON in, frozen dataclasses out.
+
+SAT's JSON is our external contract and loads unchanged. It is parsed once, here, into frozen,
+keyword-only, slotted dataclasses; after that no code calls ``.get(key, default)``. Defaults are
+written once, equal to SAT's effective default (the docs' where SAT's code and docs agree).
+
+Unknown keys in an SAT section are one warning listing every unknown key path (SAT ignores them and
+forks add their own); unknown keys in our own sections (``model.cantus``, ``training.cantus``) are
+errors. Backbone, encoder and conditioner ``config`` blocks are passed through as constructor keyword
+arguments, exactly as SAT does; the model factory checks them against the constructor's signature.
+
+Our extension keys live only where SAT ignores unknown keys (never inside a ``config`` block, which SAT
+passes as constructor arguments and would then refuse):
+
+| key | type | default | meaning |
+| --- | --- | --- | --- |
+| ``model.cantus.attention_masks`` | bool | false | honour padding and cross-attention masks (SAT drops them) |
+| ``model.cantus.checkpointing`` | bool or int | true | activation checkpointing: every block, none, or the first k |
+| ``model.cantus.attention_backend`` | str | "auto" | "auto" (flash-attn on CUDA when importable, else SDPA), "sdpa", "flash" |
+| ``training.cantus.ema_beta`` | float | 0.9999 | EMA decay ceiling (SAT hard-codes 0.9999) |
+| ``training.cantus.ema_power`` | float | 0.75 | EMA warm-up power (SAT hard-codes 3/4) |
+| ``training.cantus.ema_interval`` | int | 1 | update the EMA every k optimizer steps |
+| ``training.cantus.demo_seed`` | int | 0 | seed of demo noise (item i uses demo_seed + i) |
+| ``training.cantus.demo_sampler`` | str or null | null | demo sampler; null picks SAT's demo sampler for the objective |
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("diffusion_cond", "diffusion_uncond", "autoencoder")
+COND_BACKBONES = ("dit", "adp_cfg_1d", "adp_1d", "DAU1d")
+UNCOND_BACKBONES = ("dit", "adp_uncond_1d", "adp_1d", "DAU1d")
+OBJECTIVES = ("v", "rectified_flow")
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "trunc_logit_normal", "log_snr")
+PRETRANSFORM_TYPES = ("autoencoder", "pqmf", "patched", "wavelet", "dac_pretrained", "audiocraft_pretrained")
+DATASET_TYPES = ("audio_dir", "pre_encoded", "s3", "wds")
+ROUTES = ("cross_attention_cond_ids", "global_cond_ids", "prepend_cond_ids", "input_concat_ids")
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the file, the key path and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading helpers: every access names its key path, and every unread key is reported.
+
+
+class _Section:
+    """A JSON object being read at ``path``; remembers which keys were read."""
+
+    def __init__(self, data: Any, path: str, unknown: list[str] | None):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected an object, got {_show(data)}")
+        self.data, self.path, self.unknown, self.seen = data, path, unknown, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def raw(self, name: str, default: Any = None, required: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.data or self.data[name] is None:
+            if required:
+                raise ConfigError(f"{self.key(name)}: required key is missing")
+            return default
+        return self.data[name]
+
+    def int(self, name, default=None, required=False, minimum=None):
+        value = self.raw(name, default, required)
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)}: expected an integer, got {_show(value)}")
+        if minimum is not None and value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{self.key(name)}: expected {what}, got {_show(value)}")
+        return value
+
+    def float(self, name, default=None, required=False):
+        value = self.raw(name, default, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {_show(value)}")
+        return float(value)
+
+    def bool(self, name, default=False):
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
+        return value
+
+    def str(self, name, default=None, required=False, choices=None):
+        value = self.raw(name, default, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{self.key(name)}: expected one of {', '.join(choices)}, got {_show(value)}")
+        return value
+
+    def dict(self, name, default=None, required=False):
+        value = self.raw(name, default, required)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{self.key(name)}: expected an object, got {_show(value)}")
+        return value
+
+    def list(self, name, default=(), required=False):
+        value = self.raw(name, default, required)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{self.key(name)}: expected a list, got {_show(value)}")
+        return tuple(value)
+
+    def strs(self, name):
+        values = self.list(name)
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ConfigError(f"{self.key(name)}[{i}]: expected a string, got {_show(v)}")
+        return values
+
+    def section(self, name, required=False):
+        value = self.raw(name, None, required)
+        return None if value is None else _Section(value, self.key(name), self.unknown)
+
+    def done(self) -> None:
+        """Record unknown keys: a warning for SAT sections (unknown=list), an error for ours (None)."""
+        extra = sorted(set(self.data) - self.seen)
+        if not extra:
+            return
+        if self.unknown is None:
+            raise ConfigError(f"{self.key(extra[0])}: unknown key; known keys: {', '.join(sorted(self.seen))}")
+        self.unknown.extend(self.key(k) for k in extra)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Model config dataclasses
+
+_frozen = dict(frozen=True, kw_only=True, slots=True)
+
+
+@dataclass(**_frozen)
+class ModuleConfig:
+    """An SAT ``{type, config, requires_grad}`` block (encoder, decoder, bottleneck)."""
+    type: str
+    """Registry name of the module, e.g. ``oobleck`` or ``vae``."""
+    config: dict
+    """Constructor keyword arguments, passed through unchanged."""
+    requires_grad: bool = True
+    """False freezes the module during training (SAT's key)."""
+
+
+@dataclass(**_frozen)
+class PretransformConfig:
+    type: str
+    """One of PRETRANSFORM_TYPES; the model factory says which ones it can build."""
+    config: dict
+    """The pretransform's own config (for ``autoencoder``: an autoencoder ``model`` block)."""
+    scale: float = 1.0
+    """Latents are divided by ``scale`` on encode and multiplied on decode."""
+    model_half: bool = False
+    """Run the pretransform in fp16."""
+    iterate_batch: bool = False
+    """Encode/decode one item at a time (lower peak memory)."""
+    chunked: bool = False
+    """Encode/decode long audio in overlapping chunks."""
+    enable_grad: bool = False
+    """Let gradients flow through the pretransform (SAT's key)."""
+    autoencoder: "AutoencoderConfig | None" = None
+    """The parsed ``config`` when ``type`` is ``autoencoder``."""
+
+
+@dataclass(**_frozen)
+class AutoencoderConfig:
+    encoder: ModuleConfig
+    decoder: ModuleConfig
+    bottleneck: ModuleConfig | None = None
+    """None means the encoder output is the latent."""
+    latent_dim: int
+    """Latent channels seen by the diffusion model."""
+    downsampling_ratio: int
+    """Audio samples per latent frame."""
+    io_channels: int
+    """Audio channels in and out."""
+    in_channels: int | None = None
+    out_channels: int | None = None
+    pretransform: PretransformConfig | None = None
+    """An inner pretransform (e.g. PQMF) applied before the encoder."""
+
+    def identity_dict(self, raw: dict) -> dict:
+        """The keys ARCHITECTURE.md hashes into ``architecture_sha256`` (requires_grad left out)."""
+        keys = ("encoder", "decoder", "bottleneck", "latent_dim", "downsampling_ratio", "io_channels")
+        return _strip_requires_grad({k: raw[k] for k in keys if k in raw})
+
+
+@dataclass(**_frozen)
+class ConditionerConfig:
+    id: str
+    """Metadata key the conditioner reads, and its id in the routing lists."""
+    type: str
+    """Conditioner type, e.g. ``t5``, ``number``, ``int``, ``hf_text``, ``clap_text``."""
+    config: dict
+    """Constructor keyword arguments (``output_dim`` is injected from ``cond_dim``)."""
+
+
+@dataclass(**_frozen)
+class ConditioningConfig:
+    configs: tuple[ConditionerConfig, ...]
+    cond_dim: int
+    """Output width of every conditioner (SAT injects it as ``output_dim``)."""
+    default_keys: dict = field(default_factory=dict)
+    """Conditioner id -> metadata key to read when the id's own key is absent."""
+    pre_encoded_keys: tuple[str, ...] = ()
+    """Ids whose tensors arrive already encoded in the metadata."""
+
+
+@dataclass(**_frozen)
+class DiffusionConfig:
+    type: str
+    """Backbone type; SAT's flat ``diffusion_uncond`` layout is normalised into this object."""
+    config: dict
+    """Backbone constructor arguments, passed through unchanged."""
+    cross_attention_cond_ids: tuple[str, ...] = ()
+    global_cond_ids: tuple[str, ...] = ()
+    prepend_cond_ids: tuple[str, ...] = ()
+    input_concat_ids: tuple[str, ...] = ()
+    diffusion_objective: str = "v"
+    """``v`` or ``rectified_flow``; always ``v`` for ``diffusion_uncond`` (as in SAT)."""
+    distribution_shift_options: dict | None = None
+    """Resolution-dependent timestep shift options (SAT's ``DistributionShift`` arguments)."""
+
+
+@dataclass(**_frozen)
+class ModelCantus:
+    attention_masks: bool = False
+    """Honour padding and cross-attention masks; False reproduces SAT exactly."""
+    checkpointing: bool | int = True
+    """Activation checkpointing: True every block (SAT), False none, k the first k blocks."""
+    attention_backend: str = "auto"
+    """"auto", "sdpa" or "flash"."""
+
+
+@dataclass(**_frozen)
+class ModelSection:
+    diffusion: DiffusionConfig | None = None
+    conditioning: ConditioningConfig | None = None
+    pretransform: PretransformConfig | None = None
+    io_channels: int | None = None
+    """Channels of the diffusion model's input and output (latent channels with a VAE)."""
+    autoencoder: AutoencoderConfig | None = None
+    """Set for ``model_type: autoencoder``."""
+    cantus: ModelCantus = field(default_factory=ModelCantus)
+
+
+@dataclass(**_frozen)
+class DemoConfig:
+    demo_every: int = 2000
+    """Steps between demos."""
+    demo_steps: int = 250
+    """Sampler steps per demo."""
+    num_demos: int = 4
+    demo_cond: tuple[dict, ...] = ()
+    """Conditioning metadata, one per demo (``num_demos`` entries)."""
+    demo_cfg_scales: tuple[float, ...] = (3.0, 6.0, 9.0)
+
+
+@dataclass(**_frozen)
+class TrainingCantus:
+    ema_beta: float = 0.9999
+    ema_power: float = 0.75
+    ema_interval: int = 1
+    demo_seed: int = 0
+    demo_sampler: str | None = None
+
+
+@dataclass(**_frozen)
+class TrainingConfig:
+    learning_rate: float | None = None
+    """Constant learning rate when ``optimizer_configs`` is absent."""
+    use_ema: bool = True
+    """Keep an EMA of the weights (the docs' default; SAT's autoencoder factory defaults to false)."""
+    log_loss_info: bool = False
+    loss_configs: dict | None = None
+    optimizer_configs: dict | None = None
+    demo: DemoConfig | None = None
+    pre_encoded: bool = False
+    """Train on pre-encoded latents."""
+    cfg_dropout_prob: float = 0.1
+    timestep_sampler: str = "uniform"
+    timestep_sampler_options: dict = field(default_factory=dict)
+    mask_padding: bool = False
+    mask_padding_dropout: float = 0.0
+    warmup_steps: int = 0
+    """Autoencoder: steps before the discriminator joins."""
+    encoder_freeze_on_warmup: bool = False
+    clip_grad_norm: float = 0.0
+    """SAT's key; our ds_config owns clipping, a non-zero value here must agree with it."""
+    cantus: TrainingCantus = field(default_factory=TrainingCantus)
+
+
+@dataclass(**_frozen)
+class ModelConfig:
+    model_type: str
+    sample_size: int
+    """Audio samples per training example."""
+    sample_rate: int
+    audio_channels: int = 2
+    model: ModelSection
+    training: TrainingConfig
+    raw: dict
+    """The original JSON object (read-only by convention); kept in checkpoints and manifests."""
+    sha256: str
+    """sha256 of the canonical JSON of ``raw``."""
+    source: str = "<dict>"
+    unknown_keys: tuple[str, ...] = ()
+
+    @property
+    def downsampling_ratio(self) -> int:
+        pre = self.model.pretransform
+        return pre.autoencoder.downsampling_ratio if pre is not None and pre.autoencoder is not None else 1
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.downsampling_ratio
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_of(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def _strip_requires_grad(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_requires_grad(v) for k, v in obj.items() if k != "requires_grad"}
+    if isinstance(obj, list):
+        return [_strip_requires_grad(v) for v in obj]
+    return obj
+
+
+def read_json(path: str) -> dict:
+    """Read a local JSON config file; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _module(section: _Section | None, name: str, required=True) -> ModuleConfig | None:
+    sub = section.section(name, required=required) if section is not None else None
+    if sub is None:
+        return None
+    out = ModuleConfig(type=sub.str("type", required=True), config=sub.dict("config", {}),
+                       requires_grad=sub.bool("requires_grad", True))
+    sub.done()
+    return out
+
+
+def _autoencoder(s: _Section) -> AutoencoderConfig:
+    pre = s.section("pretransform")
+    out = AutoencoderConfig(
+        encoder=_module(s, "encoder"), decoder=_module(s, "decoder"), bottleneck=_module(s, "bottleneck", False),
+        latent_dim=s.int("latent_dim", required=True, minimum=1),
+        downsampling_ratio=s.int("downsampling_ratio", required=True, minimum=1),
+        io_channels=s.int("io_channels", required=True, minimum=1),
+        in_channels=s.int("in_channels", minimum=1), out_channels=s.int("out_channels", minimum=1),
+        pretransform=_pretransform(pre) if pre is not None else None)
+    s.done()
+    return out
+
+
+def parse_autoencoder(data: dict, key_path: str = "model") -> AutoencoderConfig:
+    """Parse an autoencoder ``model`` block (also a pretransform's ``config``); unknown keys warn."""
+    return _parse_block(_autoencoder, data, key_path)
+
+
+def _pretransform(s: _Section) -> PretransformConfig:
+    kind = s.str("type", required=True, choices=PRETRANSFORM_TYPES)
+    config = s.dict("config", {})
+    auto = _autoencoder(_Section(config, s.key("config"), s.unknown)) if kind == "autoencoder" else None
+    out = PretransformConfig(type=kind, config=config, scale=s.float("scale", 1.0),
+                             model_half=s.bool("model_half"), iterate_batch=s.bool("iterate_batch"),
+                             chunked=s.bool("chunked"), enable_grad=s.bool("enable_grad"), autoencoder=auto)
+    if out.scale <= 0:
+        raise ConfigError(f"{s.key('scale')}: expected a positive number, got {out.scale}")
+    s.done()
+    return out
+
+
+def _conditioning(s: _Section) -> ConditioningConfig:
+    items = []
+    for i, entry in enumerate(s.list("configs", required=True)):
+        c = _Section(entry, f"{s.key('configs')}[{i}]", s.unknown)
+        items.append(ConditionerConfig(id=c.str("id", required=True), type=c.str("type", required=True),
+                                       config=c.dict("config", {})))
+        c.done()
+    ids = [c.id for c in items]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{s.key('configs')}: conditioner ids must be unique, got {ids}")
+    default_keys = s.dict("default_keys", {})
+    out = ConditioningConfig(configs=tuple(items), cond_dim=s.int("cond_dim", required=True, minimum=1),
+                             default_keys=dict(default_keys), pre_encoded_keys=s.strs("pre_encoded_keys"))
+    s.done()
+    return out
+
+
+def _parse_block(parser, data: dict, key_path: str):
+    unknown: list[str] = []
+    out = parser(_Section(data, key_path, unknown))
+    if unknown:
+        logger.warning("unknown config keys (ignored, as SAT does): %s", ", ".join(unknown))
+    return out
+
+
+def parse_conditioning(data: dict, key_path: str = "model.conditioning") -> ConditioningConfig:
+    """Parse a ``model.conditioning`` block on its own."""
+    return _parse_block(_conditioning, data, key_path)
+
+
+def parse_pretransform(data: dict, key_path: str = "model.pretransform") -> PretransformConfig:
+    """Parse a ``model.pretransform`` block on its own."""
+    return _parse_block(_pretransform, data, key_path)
+
+
+def _model_cantus(s: _Section | None) -> ModelCantus:
+    if s is None:
+        return ModelCantus()
+    ckpt = s.raw("checkpointing", True)
+    if isinstance(ckpt, bool):
+        pass
+    elif isinstance(ckpt, int) and ckpt >= 0:
+        pass
+    else:
+        raise ConfigError(f"{s.key('checkpointing')}: expected true, false or a block count >= 0, got {_show(ckpt)}")
+    out = ModelCantus(attention_masks=s.bool("attention_masks"), checkpointing=ckpt,
+                      attention_backend=s.str("attention_backend", "auto", choices=("auto", "sdpa", "flash")))
+    s.done()
+    return out
+
+
+def _diffusion(s: _Section, cond: bool) -> DiffusionConfig:
+    known = COND_BACKBONES if cond else UNCOND_BACKBONES
+    out = DiffusionConfig(
+        type=s.str("type", required=True, choices=known), config=s.dict("config", {}),
+        **{route: s.strs(route) for route in ROUTES},
+        diffusion_objective=s.str("diffusion_objective", "v", choices=OBJECTIVES),
+        distribution_shift_options=s.dict("distribution_shift_options"))
+    s.done()
+    return out
+
+
+def _demo(s: _Section | None) -> DemoConfig | None:
+    if s is None:
+        return None
+    scales = s.list("demo_cfg_scales", (3, 6, 9))
+    for i, v in enumerate(scales):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{s.key('demo_cfg_scales')}[{i}]: expected a number, got {_show(v)}")
+    cond = s.list("demo_cond")
+    for i, v in enumerate(cond):
+        if not isinstance(v, dict):
+            raise ConfigError(f"{s.key('demo_cond')}[{i}]: expected an object of metadata, got {_show(v)}")
+    out = DemoConfig(demo_every=s.int("demo_every", 2000, minimum=1), demo_steps=s.int("demo_steps", 250, minimum=1),
+                     num_demos=s.int("num_demos", len(cond) or 4, minimum=1), demo_cond=tuple(cond),
+                     demo_cfg_scales=tuple(float(v) for v in scales))
+    if cond and len(cond) != out.num_demos:
+        raise ConfigError(f"{s.key('demo_cond')}: expected num_demos={out.num_demos} entries, got {len(cond)}")
+    s.done()
+    return out
+
+
+def _training_cantus(s: _Section | None) -> TrainingCantus:
+    if s is None:
+        return TrainingCantus()
+    out = TrainingCantus(ema_beta=s.float("ema_beta", 0.9999), ema_power=s.float("ema_power", 0.75),
+                         ema_interval=s.int("ema_interval", 1, minimum=1), demo_seed=s.int("demo_seed", 0),
+                         demo_sampler=s.str("demo_sampler"))
+    if not 0.0 < out.ema_beta < 1.0:
+        raise ConfigError(f"{s.key('ema_beta')}: expected a number in (0, 1), got {out.ema_beta}")
+    s.done()
+    return out
+
+
+def _training(s: _Section | None) -> TrainingConfig:
+    if s is None:
+        return TrainingConfig()
+    cantus = s.section("cantus")
+    if cantus is not None:
+        cantus.unknown = None  # our own section: unknown keys are errors
+    out = TrainingConfig(
+        learning_rate=s.float("learning_rate"), use_ema=s.bool("use_ema", True),
+        log_loss_info=s.bool("log_loss_info"), loss_configs=s.dict("loss_configs"),
+        optimizer_configs=s.dict("optimizer_configs"), demo=_demo(s.section("demo")),
+        pre_encoded=s.bool("pre_encoded"), cfg_dropout_prob=s.float("cfg_dropout_prob", 0.1),
+        timestep_sampler=s.str("timestep_sampler", "uniform", choices=TIMESTEP_SAMPLERS),
+        timestep_sampler_options=dict(s.dict("timestep_sampler_options", {})),
+        mask_padding=s.bool("mask_padding"), mask_padding_dropout=s.float("mask_padding_dropout", 0.0),
+        warmup_steps=s.int("warmup_steps", 0, minimum=0), encoder_freeze_on_warmup=s.bool("encoder_freeze_on_warmup"),
+        clip_grad_norm=s.float("clip_grad_norm", 0.0), cantus=_training_cantus(cantus))
+    for name in ("cfg_dropout_prob", "mask_padding_dropout"):
+        if not 0.0 <= getattr(out, name) <= 1.0:
+            raise ConfigError(f"{s.key(name)}: expected a probability in [0, 1], got {getattr(out, name)}")
+    s.done()
+    return out
+
+
+def _min_input_length(d: DiffusionConfig) -> int:
+    """Backbone's minimum input length in latent frames (SAT: patch_size, or the product of U-Net factors)."""
+    if d.type == "dit":
+        return int(d.config.get("patch_size", 1))
+    if d.type.startswith("adp"):
+        return math.prod(int(f) for f in d.config.get("factors", [1]))
+    return 1
+
+
+def _check_model(cfg: ModelConfig) -> None:
+    """Cross-section checks (single-section ones live in the section parsers)."""
+    m = cfg.model
+    d = m.diffusion
+    if d is None:
+        return
+    if d.type == "dit":
+        c = d.config
+        for name in ("embed_dim", "num_heads", "depth", "patch_size", "io_channels"):
+            if name in c and (isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] < 1):
+                raise ConfigError(f"model.diffusion.config.{name}: expected a positive integer, got {_show(c[name])}")
+        embed, heads = c.get("embed_dim", 768), c.get("num_heads", 8)
+        if embed % heads:
+            raise ConfigError(f"model.diffusion.config.num_heads={heads} must divide embed_dim={embed}")
+    if d.prepend_cond_ids and d.type != "dit":
+        raise ConfigError(f"model.diffusion.prepend_cond_ids: only the dit backbone takes prepend conditioning, "
+                          f"not {d.type}")
+    conditioners = {c.id for c in m.conditioning.configs} if m.conditioning else set()
+    pre_encoded = set(m.conditioning.pre_encoded_keys) if m.conditioning else set()
+    for route in ROUTES:
+        for cid in getattr(d, route):
+            if cid not in conditioners and cid not in pre_encoded:
+                # SAT lets callers inject such tensors; the model raises at run time if one is missing.
+                logger.warning("model.diffusion.%s: id %r has no conditioner and is not in pre_encoded_keys; "
+                               "the caller must supply its tensor", route, cid)
+    pre = m.pretransform
+    if pre is not None and pre.autoencoder is not None and m.io_channels is not None:
+        if m.io_channels != pre.autoencoder.latent_dim:
+            raise ConfigError(f"model.io_channels={m.io_channels} must equal the pretransform's latent channels "
+                              f"(model.pretransform.config.latent_dim={pre.autoencoder.latent_dim})")
+    unit = cfg.downsampling_ratio * _min_input_length(d)
+    if cfg.sample_size % unit:
+        raise ConfigError(f"sample_size={cfg.sample_size} must be a multiple of the model's minimum input length "
+                          f"{unit} (pretransform ratio {cfg.downsampling_ratio} x backbone {unit // cfg.downsampling_ratio})")
+
+
+def load_model_config(source: "str | dict | ModelConfig") -> ModelConfig:
+    """Parse an SAT model config (a path, a dict or an already parsed config)."""
+    if isinstance(source, ModelConfig):
+        return source
+    name = source if isinstance(source, str) else "<dict>"
+    raw = read_json(source) if isinstance(source, str) else source
+    try:
+        return _parse_model(raw, name)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _parse_model(raw: dict, name: str) -> ModelConfig:
+    unknown: list[str] = []
+    top = _Section(raw, "", unknown)
+    model_type = top.str("model_type", required=True, choices=MODEL_TYPES)
+    ms = top.section("model", required=True)
+    cantus = ms.section("cantus")
+    if cantus is not None:
+        cantus.unknown = None
+    model_cantus = _model_cantus(cantus)
+    if model_type == "autoencoder":
+        # SAT's autoencoder block is the model section itself (``cantus`` was read above).
+        auto = _autoencoder(ms)
+        section = ModelSection(autoencoder=auto, io_channels=auto.io_channels, cantus=model_cantus)
+    else:
+        pre = ms.section("pretransform")
+        common = dict(pretransform=_pretransform(pre) if pre is not None else None, cantus=model_cantus)
+        if model_type == "diffusion_cond":
+            cond = ms.section("conditioning")
+            section = ModelSection(diffusion=_diffusion(ms.section("diffusion", required=True), cond=True),
+                                   conditioning=_conditioning(cond) if cond is not None else None,
+                                   io_channels=ms.int("io_channels", required=True, minimum=1), **common)
+        else:
+            # SAT's flat layout: model.type and model.config; the objective is always v (as in SAT).
+            flat = DiffusionConfig(type=ms.str("type", required=True, choices=UNCOND_BACKBONES),
+                                   config=ms.dict("config", {}), diffusion_objective="v")
+            section = ModelSection(diffusion=flat, io_channels=ms.int("io_channels", minimum=1), **common)
+    ms.done()
+    training = top.section("training")
+    cfg = ModelConfig(
+        model_type=model_type, sample_size=top.int("sample_size", required=True, minimum=1),
+        sample_rate=top.int("sample_rate", required=True, minimum=1),
+        audio_channels=top.int("audio_channels", 2, minimum=1), model=section,
+        training=_training(training), raw=raw, sha256=sha256_of(raw), source=name)
+    top.done()
+    cfg = dataclasses.replace(cfg, unknown_keys=tuple(unknown))
+    _check_model(cfg)
+    if unknown:
+        logger.warning("%s: unknown config keys (ignored, as SAT does): %s", name, ", ".join(unknown))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset configs: SAT's four types. Our own data input is a manifest URL, read by the stages.
+
+
+@dataclass(**_frozen)
+class DatasetSource:
+    id: str
+    path: str | None = None
+    """Local folder (audio_dir, pre_encoded)."""
+    s3_path: str | None = None
+    """s3:// prefix (s3)."""
+    custom_metadata_module: str | None = None
+    """Python file SAT imports for per-sample metadata (never opened by ``check``)."""
+    latent_crop_length: int | None = None
+
+
+@dataclass(**_frozen)
+class DatasetConfig:
+    dataset_type: str
+    datasets: tuple[DatasetSource, ...]
+    random_crop: bool = True
+    drop_last: bool = True
+    source: str = "<dict>"
+    unknown_keys: tuple[str, ...] = ()
+
+
+def load_dataset_config(source: "str | dict") -> DatasetConfig:
+    name = source if isinstance(source, str) else "<dict>"
+    raw = read_json(source) if isinstance(source, str) else source
+    unknown: list[str] = []
+    try:
+        top = _Section(raw, "", unknown)
+        kind = top.str("dataset_type", required=True, choices=DATASET_TYPES)
+        sources = []
+        for i, entry in enumerate(top.list("datasets", required=True)):
+            s = _Section(entry, f"datasets[{i}]", unknown)
+            src = DatasetSource(id=s.str("id", f"dataset{i}"), path=s.str("path"), s3_path=s.str("s3_path"),
+                                custom_metadata_module=s.str("custom_metadata_module"),
+                                latent_crop_length=s.int("latent_crop_length", minimum=1))
+            need = "s3_path" if kind in ("s3", "wds") else "path"
+            if getattr(src, need) is None:
+                raise ConfigError(f"datasets[{i}].{need}: required for dataset_type {kind}")
+            s.done()
+            sources.append(src)
+        if not sources:
+            raise ConfigError("datasets: expected at least one dataset")
+        cfg = DatasetConfig(dataset_type=kind, datasets=tuple(sources), random_crop=top.bool("random_crop", True),
+                            drop_last=top.bool("drop_last", True), source=name)
+        top.done()
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    if unknown:
+        logger.warning("%s: unknown config keys (ignored, as SAT does): %s", name, ", ".join(unknown))
+    return dataclasses.replace(cfg, unknown_keys=tuple(unknown))
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m pipeline.config check CONFIG.json`
+
+
+def summarize(cfg: ModelConfig) -> list[str]:
+    m = cfg.model
+    lines = [f"model_type   {cfg.model_type}", f"sample_rate  {cfg.sample_rate} Hz, {cfg.audio_channels} channel(s)",
+             f"sample_size  {cfg.sample_size} samples ({cfg.sample_size / cfg.sample_rate:.2f} s)"]
+    if m.autoencoder is not None:
+        a = m.autoencoder
+        lines.append(f"autoencoder  {a.encoder.type}/{a.decoder.type}, bottleneck "
+                     f"{a.bottleneck.type if a.bottleneck else 'none'}, {a.latent_dim} latent channels, "
+                     f"ratio {a.downsampling_ratio} ({cfg.sample_rate / a.downsampling_ratio:.2f} latent frames/s)")
+    if m.diffusion is not None:
+        d = m.diffusion
+        lines.append(f"backbone     {d.type}, objective {d.diffusion_objective}, io_channels {m.io_channels}")
+        pre = m.pretransform
+        lines.append(f"pretransform {pre.type + f' (scale {pre.scale})' if pre else 'none'}; latent rate "
+                     f"{cfg.latent_rate:.2f} frames/s, {cfg.sample_size // cfg.downsampling_ratio} frames per sample")
+        types = {c.id: c.type for c in m.conditioning.configs} if m.conditioning else {}
+        pre_enc = set(m.conditioning.pre_encoded_keys) if m.conditioning else set()
+        lines.append("routing")
+        for route in ROUTES:
+            ids = getattr(d, route)
+            shown = ", ".join(f"{i} ({types.get(i, 'pre-encoded' if i in pre_enc else 'injected')})" for i in ids)
+            lines.append(f"  {route:<26}{shown or '-'}")
+    if cfg.unknown_keys:
+        lines.append(f"unknown keys {', '.join(cfg.unknown_keys)}")
+    return lines
+
+
+def _build_on_meta(cfg: ModelConfig) -> str | None:
+    """Build the model on the meta device (no weights, no downloads) and count its parameters."""
+    try:
+        from pipeline.models import create_model_from_config
+    except ImportError:
+        return None
+    import torch
+    with torch.device("meta"):
+        model = create_model_from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    return f"parameters   {total:,} (built on the meta device)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.config", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a model or dataset config and print a summary")
+    check.add_argument("config", help="path of an SAT model config or dataset config (JSON)")
+    check.add_argument("--no-build", action="store_true", help="skip building the model on the meta device")
+    check.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        raw = read_json(args.config)
+        if "dataset_type" in raw:
+            ds = load_dataset_config(args.config)
+            lines = [f"dataset_type {ds.dataset_type}, random_crop {ds.random_crop}"]
+            lines += [f"  {s.id}: {s.path or s.s3_path}" for s in ds.datasets]
+        else:
+            cfg = load_model_config(args.config)
+            lines = summarize(cfg)
+            if not args.no_build:
+                built = _build_on_meta(cfg)
+                if built:
+                    lines.append(built)
+    except (ConfigError, ValueError, TypeError, ImportError) as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
