@@ -1,0 +1,307 @@
+"""Stage 2 `pre_encode`: audio shards -> latent shards through the VAE pretransform.
+
+    python -m pipeline.pre_encode [plan|run|commit] --input <audio manifest URL> --model-config CONFIG \\
+        --pretransform-ckpt CKPT --output URL [--scale S --sample-size N --batch-size B --dtype bf16|fp16|fp32]
+
+A task owns whole input shards (plan item i belongs to task i % N). Input shard i becomes
+``<out>/latents-<task>-<i>.tar`` with ``<key>.latents.safetensors`` and ``<key>.json``. For a VAE
+bottleneck the safetensors hold ``mean`` and ``std`` (C, T) **before** dividing by the pretransform's
+scale (training samples a fresh latent each epoch), else one tensor ``latents``; stored in fp32 when
+encoding in fp32, else fp16. Clips longer than ``sample_size`` are cut into windows at latent-aligned
+offsets (each window a sample, ``offset_seconds`` moved, ``seconds_start`` its floor), shorter ones
+padded; ``valid_frames`` counts the latent frames that hold audio.
+
+Resume: after its latent shard is written, each input shard gets ``_items/<i>.json`` (its entries
+and rejects); a re-run skips those, so a killed task finishes without repeating or dropping a sample.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_safetensors
+
+from pipeline import manifest as mf
+from pipeline import storage
+from pipeline.config import ConfigError, PretransformConfig, load_model_config
+from pipeline.data import audio as audio_io
+from pipeline.data.shards import ShardWriter, iter_samples, read_json
+from pipeline.models.blocks import fold_weight_norm
+from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config
+from pipeline.models.weights import architecture_sha256, load_autoencoder_weights
+from pipeline.tasks import task_slot
+
+logger = logging.getLogger("pipeline.pre_encode")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encoder:
+    """The frozen pretransform plus the identity the manifest records."""
+    pretransform: AutoencoderPretransform
+    properties: dict
+    sample_rate: int
+    channels: int
+
+
+def load_encoder(args) -> Encoder:
+    cfg = load_model_config(args.model_config)
+    if cfg.model_type == "autoencoder":
+        # SAT's pre_encode.py takes an autoencoder config; the scale then comes from --scale.
+        raw_block, auto = cfg.raw["model"], cfg.model.autoencoder
+        block = PretransformConfig(type="autoencoder", config=raw_block, scale=args.scale or 1.0, autoencoder=auto)
+    else:
+        block = cfg.model.pretransform
+        if block is None or block.autoencoder is None:
+            raise ConfigError(f"{args.model_config}: model.pretransform: pre_encode needs an autoencoder "
+                              "pretransform (or pass an autoencoder config)")
+        if args.scale is not None:
+            block = dataclasses.replace(block, scale=args.scale)
+        raw_block = block.config
+    pretransform = create_pretransform_from_config(block, cfg.sample_rate, cfg.audio_channels)
+    if args.dry_run:
+        weights_sha = None
+    else:
+        weights_sha = load_autoencoder_weights(pretransform.model, _local_copy(args.pretransform_ckpt))
+    fold_weight_norm(pretransform.model, inplace=True)  # bf16/fp16 work on plain convolutions (SAT #131)
+    dtype = DTYPES[args.dtype]
+    pretransform.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
+    auto = block.autoencoder
+    properties = {
+        "architecture_sha256": architecture_sha256(raw_block), "weights_sha256": weights_sha,
+        "scale": block.scale, "weights_url": args.pretransform_ckpt, "latent_channels": auto.latent_dim,
+        "downsampling_ratio": auto.downsampling_ratio, "bottleneck": auto.bottleneck.type if auto.bottleneck else None,
+        "dtype": "fp32" if dtype == torch.float32 else "fp16", "sample_rate": cfg.sample_rate,
+        "channels": cfg.audio_channels, "sample_size": args.sample_size or cfg.sample_size,
+    }
+    return Encoder(pretransform, properties, cfg.sample_rate, cfg.audio_channels)
+
+
+def _local_copy(url: str) -> str:
+    """Checkpoints are read by path; an s3:// one is downloaded once into a temp folder."""
+    if not storage.is_s3(url):
+        return url
+    import tempfile
+    path = f"{tempfile.mkdtemp(prefix='cantus-vae-')}/{url.rsplit('/', 1)[-1]}"
+    storage.download(url, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- one input shard
+
+
+def windows_of(audio: np.ndarray, meta: dict, sample_size: int, ratio: int, sample_rate: int):
+    """Cut (C, T) audio into ``sample_size`` windows at latent-aligned offsets; pad the last one.
+
+    Yields (suffix, window (C, sample_size), metadata with offset/seconds_start/valid_frames).
+    """
+    length = audio.shape[-1]
+    count = max(1, math.ceil(length / sample_size))
+    for j in range(count):
+        start = j * sample_size  # a multiple of sample_size, hence of the downsampling ratio
+        piece = audio[:, start:start + sample_size]
+        valid = piece.shape[-1]
+        if valid < sample_size:
+            piece = np.pad(piece, ((0, 0), (0, sample_size - valid)))
+        offset = float(meta.get("offset_seconds", 0.0)) + start / sample_rate
+        md = dict(meta, offset_seconds=offset, seconds_start=math.floor(offset),
+                  valid_frames=math.ceil(valid / ratio), latent_frames=sample_size // ratio,
+                  window_index=j, window_samples=valid)
+        yield ("" if count == 1 else f"_w{j}"), piece, md
+
+
+def encode_shard(enc: Encoder, url: str, out_url: str, args) -> tuple[list[dict], list[dict]]:
+    """Encode every sample of one audio shard into one latent shard; return (entries, rejects)."""
+    props = enc.properties
+    sample_size, ratio = props["sample_size"], props["downsampling_ratio"]
+    rejects, pending = [], []
+    writer = ShardWriter(lambda n: out_url if n == 0 else out_url.replace(".tar", f"-{n}.tar"), 1 << 40)
+
+    def flush():
+        batch = torch.from_numpy(np.stack([p[1] for p in pending])).to(args.device, DTYPES[args.dtype])
+        with torch.inference_mode():
+            tensors = _encode(enc, batch)
+        for (key, _, md), stored in zip(pending, (dict(zip(tensors, t)) for t in zip(*tensors.values()))):
+            body = save_safetensors({k: v.to(torch.float32 if props["dtype"] == "fp32" else torch.float16)
+                                     .cpu().contiguous() for k, v in stored.items()})
+            writer.add(key, {"latents.safetensors": body, "json": json.dumps(md, sort_keys=True).encode()},
+                       seconds=md["window_samples"] / enc.sample_rate)
+            if args.format == "sat":
+                write_sat_sample(args.output, key, stored, md)
+        pending.clear()
+
+    with writer:
+        for key, members in iter_samples(url):
+            try:
+                meta = read_json(members, url, key)
+                if "flac" not in members:
+                    raise ValueError("no .flac member")
+                audio, sr = audio_io.decode(members["flac"])
+                if sr != enc.sample_rate:
+                    raise ValueError(f"sample rate {sr} Hz, the model expects {enc.sample_rate} Hz (re-shard "
+                                     f"with --sample-rate {enc.sample_rate})")
+                audio = audio_io.set_channels(audio, enc.channels)
+            except ValueError as e:
+                rejects.append({"id": url, "key": key, "reason": str(e)})
+                continue
+            for suffix, piece, md in windows_of(audio, meta, sample_size, ratio, enc.sample_rate):
+                pending.append((key + suffix, piece, md))
+                if len(pending) == args.batch_size:
+                    flush()
+        if pending:
+            flush()
+    return [s.to_dict() for s in writer.shards], rejects
+
+
+def write_sat_sample(out_url: str, key: str, stored: dict, md: dict) -> None:
+    """SAT's ``pre_encoded`` layout: ``<out>/sat/<key>.npy`` (one latent, unscaled, as SAT's pre_encode.py
+    writes it) and ``<key>.json`` with the metadata and a per-frame ``padding_mask``."""
+    if "mean" in stored:
+        # One fixed draw per sample (seeded by its key), so a re-run writes the same bytes.
+        gen = torch.Generator().manual_seed(int(mf.sha256_bytes(key.encode())[:8], 16))
+        noise = torch.randn(stored["mean"].shape, generator=gen)
+        latent = stored["mean"].float().cpu() + stored["std"].float().cpu() * noise
+    else:
+        latent = stored["latents"].float().cpu()
+    buf = io.BytesIO()
+    np.save(buf, latent.numpy())
+    storage.write(storage.join(out_url, "sat", f"{key}.npy"), buf.getvalue())
+    frames = md["latent_frames"]
+    sat_md = dict(md, padding_mask=[1] * md["valid_frames"] + [0] * (frames - md["valid_frames"]))
+    storage.write(storage.join(out_url, "sat", f"{key}.json"), json.dumps(sat_md).encode())
+
+
+def _encode(enc: Encoder, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """mean/std before scaling for a VAE bottleneck (see module docstring), else the latents."""
+    if enc.properties["bottleneck"] == "vae":
+        mean, std = enc.pretransform.encode_mean_std(batch)
+        return {"mean": mean, "std": std}
+    return {"latents": enc.pretransform.encode(batch) * enc.pretransform.scale}
+
+
+# ----------------------------------------------------------------------------- plan, run, commit
+
+
+def plan(args) -> list[dict]:
+    source = mf.read_manifest(args.input, stage="shard")
+    items = [{"id": e["url"], "url": e["url"], "sha256": e["sha256"], "samples": e["samples"]} for e in source.outputs]
+    return mf.write_plan(args.output, items)
+
+
+def run(args, slot) -> None:
+    enc = load_encoder(args)
+    source = mf.read_manifest(args.input, stage="shard")
+    if source.properties.get("sample_rate") not in (None, enc.sample_rate):
+        raise ConfigError(f"{args.input}: audio at {source.properties['sample_rate']} Hz, but "
+                          f"{args.model_config} expects {enc.sample_rate} Hz")
+    if mf.read_part(args.output, slot.index, slot.count) is not None:
+        logger.info("task %d of %d already finished", slot.index, slot.count)
+        return
+    storage.check_put_if_absent(args.output)
+    items = mf.read_plan(args.output)
+    mine = [(i, it) for i, it in enumerate(items) if i % slot.count == slot.index]
+    done_ids, outputs, rejects = [], [], []
+    start, windows = time.time(), 0
+    for n, (i, item) in enumerate(mine):
+        marker = storage.join(args.output, "_items", f"{i}.json")
+        if storage.exists(marker):
+            record = json.loads(storage.read_bytes(marker))
+        else:
+            out_url = storage.join(args.output, f"latents-{slot.index:05d}-{i:06d}.tar")
+            entries, bad = encode_shard(enc, item["url"], out_url, args)
+            record = {"outputs": entries, "rejects": bad}
+            storage.write(marker, json.dumps(record).encode())
+        done_ids.append(item["id"])
+        outputs += record["outputs"]
+        rejects += record["rejects"]
+        windows += sum(e["samples"] for e in record["outputs"])
+        elapsed = time.time() - start
+        logger.info("shard %d/%d | %d windows | %.1f s elapsed", n + 1, len(mine), windows, elapsed)
+    mf.write_part(args.output, mf.Part(task=slot.index, num_tasks=slot.count, items=tuple(done_ids),
+                                       outputs=tuple(outputs), rejects=tuple(rejects)))
+
+
+def commit(args, slot) -> mf.Manifest:
+    enc = load_encoder(args)
+    return mf.commit(args.output, stage="pre_encode", num_tasks=slot.count, args=_args_dict(args),
+                     input=mf.input_ref(args.input), properties=enc.properties)
+
+
+def _args_dict(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("debug", "command", "task_index", "num_tasks")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.pre_encode", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("plan", "run", "commit"),
+                   help="plan the work, run one task, or commit the parts into the manifest")
+    p.add_argument("--input", required=True, help="URL of the audio manifest (stage 1's manifest.json)")
+    p.add_argument("--model-config", required=True, help="diffusion config with a pretransform, or an autoencoder config")
+    p.add_argument("--pretransform-ckpt", required=True, help="VAE weights: standalone, or a full model checkpoint")
+    p.add_argument("--output", required=True, help="output URL (local path or s3://bucket/prefix)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="pretransform scale (default: the diffusion config's, 1 for an autoencoder config)")
+    p.add_argument("--sample-size", type=int, default=None, help="window length in samples (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows encoded at once")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute dtype of the encoder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--format", choices=("cantus", "sat"), default="cantus",
+                   help="sat also writes SAT's pre_encoded layout (.npy + .json per sample)")
+    p.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM array / ranks)")
+    p.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM array / ranks)")
+    p.add_argument("--dry-run", action="store_true", help="check config and input, print the plan, exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pre_encode %(message)s")
+    try:
+        slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
+        if args.sample_size is not None and args.sample_size <= 0:
+            raise ConfigError(f"--sample-size={args.sample_size}: expected a positive number of samples")
+        if args.dry_run:
+            enc = load_encoder(args)
+            source = mf.read_manifest(args.input, stage="shard")
+            logger.info("dry run: %d input shards, %d samples, properties %s", len(source.outputs),
+                        source.totals.get("samples", 0), json.dumps(enc.properties))
+            return 0
+        ratio_check(args)
+        if args.command == "plan" or (args.command == "run" and slot.count == 1):
+            plan(args)
+        if args.command == "run":
+            run(args, slot)
+        if args.command == "commit" or (args.command == "run" and slot.count == 1):
+            m = commit(args, slot)
+            logger.info("%d latent samples in %d shards -> %s", m.totals.get("samples", 0),
+                        m.totals.get("outputs", 0), storage.join(args.output, "manifest.json"))
+    except (ConfigError, mf.ManifestError, storage.StorageError, ValueError) as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    return 0
+
+
+def ratio_check(args) -> None:
+    """--sample-size must be a whole number of latent frames."""
+    if args.sample_size is None:
+        return
+    cfg = load_model_config(args.model_config)
+    ratio = (cfg.model.autoencoder or cfg.model.pretransform.autoencoder).downsampling_ratio
+    if args.sample_size % ratio:
+        raise ConfigError(f"--sample-size={args.sample_size} must be a multiple of the downsampling ratio {ratio}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
