@@ -1,0 +1,199 @@
+"""pipeline.storage on a local temp dir and on a real S3 server (SeaweedFS), same tests for both."""
+
+import concurrent.futures
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+
+import pytest
+
+from pipeline import storage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1024 * 1024
+
+
+def test_join_builds_urls_for_both_backends():
+    assert storage.join("s3://b/out/", "val", "/manifest.json") == "s3://b/out/val/manifest.json"
+    assert storage.join("s3://b", "k") == "s3://b/k"
+    assert storage.join("/data/out", "a", "b.tar") == "/data/out/a/b.tar"
+    assert storage.join("out", "", "x") == "out/x"
+    with pytest.raises(storage.StorageError, match="gs://b/k: unsupported URL scheme"):
+        storage.join("gs://b/k", "x")
+
+
+def test_write_and_read_round_trip_bytes_chunks_and_file_objects(store_url):
+    url = storage.join(store_url, "a", "blob.bin")
+    storage.write(url, b"hello")
+    assert storage.read_bytes(url) == b"hello"
+    storage.write(url, (bytes([i]) * 1000 for i in range(5)))  # a generator of chunks
+    assert storage.read_bytes(url) == b"".join(bytes([i]) * 1000 for i in range(5))
+    storage.write(url, io.BytesIO(b"from a file object"))
+    with storage.open_read(url) as f:
+        assert f.read(4) == b"from" and f.read() == b" a file object"
+    info = storage.stat(url)
+    assert (info.size, storage.size(url), storage.exists(url)) == (18, 18, True)
+    assert (info.etag is not None) == storage.is_s3(url)  # S3 identity carries an ETag
+    assert storage.sha256_url(url) == hashlib.sha256(b"from a file object").hexdigest()
+
+
+def test_local_write_leaves_no_temp_file_and_keeps_umask_permissions(tmp_path):
+    url = str(tmp_path / "d" / "x.json")
+    storage.write(url, b"1")
+    storage.write(url, b"2")
+    assert os.listdir(tmp_path / "d") == ["x.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_write_above_part_size_is_a_multipart_upload(store_url, monkeypatch):
+    monkeypatch.setattr(storage, "PART_SIZE", 5 * MiB)  # S3's minimum part size
+    url = storage.join(store_url, "big.bin")
+    chunks = [os.urandom(MiB) for _ in range(11)] + [b"tail"]
+    storage.write(url, iter(chunks))
+    assert storage.read_bytes(url) == b"".join(chunks)
+    if storage.is_s3(url):
+        assert storage.stat(url).etag.endswith("-3")  # 5 + 5 + 1 MiB: a completed 3-part upload
+
+
+def test_put_if_absent_creates_once_and_never_overwrites(store_url):
+    url = storage.join(store_url, "once.json")
+    assert storage.put_if_absent(url, b"first") is True
+    assert storage.put_if_absent(url, b"second") is False
+    assert storage.read_bytes(url) == b"first"
+    assert [o.url for o in storage.list_objects(store_url)] == [url]
+
+
+def test_put_if_absent_probe_passes_and_leaves_nothing_behind(store_url):
+    storage.check_put_if_absent(store_url)
+    assert storage.list_objects(store_url) == []
+
+
+def test_put_if_absent_probe_refuses_a_store_that_ignores_the_condition(store_url, monkeypatch):
+    """A fake store that silently overwrites, as some S3-compatible servers do."""
+    if storage.is_s3(store_url):
+        client = storage._client()
+        real_put = client.put_object
+        monkeypatch.setattr(client, "put_object", lambda IfNoneMatch=None, **kw: real_put(**kw))
+    else:
+        monkeypatch.setattr(storage.os, "link", lambda src, dst: storage.os.replace(
+            storage.shutil.copy(src, src + ".copy"), dst))
+    with pytest.raises(storage.StorageError, match="does not honour 'If-None-Match: \\*'"):
+        storage.check_put_if_absent(store_url)
+
+
+def test_list_objects_paginates_past_1000_keys_and_skips_sibling_prefixes(store_url):
+    urls = [storage.join(store_url, "many", f"k{i:05d}") for i in range(1100)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda u: storage.write(u, b"x" * 3), urls))
+    storage.write(storage.join(store_url, "many-sibling", "k"), b"not under many/")
+    found = storage.list_objects(storage.join(store_url, "many"))
+    assert [o.url for o in found] == urls
+    assert {o.size for o in found} == {3}
+    assert storage.list_objects(storage.join(store_url, "nothing-here")) == []
+
+
+def test_delete_is_idempotent_and_delete_tree_removes_only_the_tree(store_url):
+    keep = storage.join(store_url, "ckpt-10", "x")
+    for name in ("ckpt-1/a", "ckpt-1/sub/b", "ckpt-10/x"):
+        storage.write(storage.join(store_url, name), b"1")
+    storage.delete_tree(storage.join(store_url, "ckpt-1"))
+    assert [o.url for o in storage.list_objects(store_url)] == [keep]
+    storage.delete(keep)
+    storage.delete(keep)  # a second delete of a missing object is fine
+    assert not storage.exists(keep)
+
+
+def test_upload_and_download_copy_whole_files(store_url, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(100_000))
+    url = storage.join(store_url, "up", "src.bin")
+    storage.upload(str(src), url)
+    storage.download(url, str(tmp_path / "back" / "src.bin"))
+    assert (tmp_path / "back" / "src.bin").read_bytes() == src.read_bytes()
+
+
+def test_missing_object_error_names_the_url(store_url):
+    url = storage.join(store_url, "nope.json")
+    assert storage.exists(url) is False
+    for verb in (storage.read_bytes, storage.size, storage.open_read):
+        with pytest.raises(storage.NotFoundError, match=f"^{re.escape(url)}: no such"):
+            verb(url)
+
+
+def test_missing_bucket_is_an_error_not_an_empty_answer(s3_bucket):
+    url = f"s3://cantus-missing-{uuid.uuid4().hex[:8]}/k"
+    for verb in (storage.read_bytes, storage.exists, storage.size, storage.list_objects,
+                 lambda u: storage.write(u, b"1"), lambda u: storage.put_if_absent(u, b"1")):
+        with pytest.raises(storage.StorageError, match=f"^{re.escape(url)}: bucket 'cantus-missing-.*' does not exist"):
+            verb(url)
+
+
+def test_wrong_credentials_give_one_clear_line_without_the_secret(s3_bucket, monkeypatch):
+    url = f"s3://{s3_bucket}/k"
+    storage.write(url, b"1")
+    secret = "wrong-secret-Zq8yX2"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    storage.reset()
+    try:
+        for verb in (storage.read_bytes, storage.exists, lambda u: storage.write(u, b"2")):
+            with pytest.raises(storage.StorageError, match=f"^{re.escape(url)}: access denied \\(check AWS_ACCESS_KEY_ID") as e:
+                verb(url)
+            text = "".join(traceback.format_exception(e.value))
+            assert secret not in text
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        storage.reset()
+        with pytest.raises(storage.StorageError, match=f"^{re.escape(url)}: no AWS credentials found"):
+            storage.read_bytes(url)
+    finally:
+        monkeypatch.undo()
+        storage.reset()
+    assert storage.read_bytes(url) == b"1"
+
+
+def test_sigkill_mid_write_leaves_the_old_object_and_no_partial_one(store_url, tmp_path):
+    """A writer killed halfway through a large streamed write (multipart on S3) changes nothing visible."""
+    url = storage.join(store_url, "data", "big.bin")
+    storage.write(url, b"old")
+    marker = tmp_path / "halfway"
+    script = f"""
+import time
+from pipeline import storage
+storage.PART_SIZE = 5 * 1024 * 1024
+def chunks():
+    for i in range(60):
+        if i == 12:  # two parts are uploaded by now
+            open({str(marker)!r}, "w").close()
+        if i >= 12:
+            time.sleep(0.5)
+        yield bytes([i]) * (1024 * 1024)
+storage.write({url!r}, chunks())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "writer exited early"
+            assert time.monotonic() < deadline, "writer never got halfway"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert storage.read_bytes(url) == b"old"
+    assert [o.url for o in storage.list_objects(store_url)] == [url]
+    if not storage.is_s3(url):  # the only leftover is the hidden temp file, which listing skips
+        leftovers = sorted(os.listdir(os.path.dirname(url)))
+        assert leftovers[-1] == "big.bin" and all(n.startswith(".big.bin.") for n in leftovers[:-1])
