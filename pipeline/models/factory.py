@@ -1,0 +1,132 @@
+"""`create_model_from_config`: a parsed SAT config (or its dict or path) -> the model, SAT's layout.
+
+Backbones are looked up in two registries (conditioned and unconditional): SAT `type` string ->
+builder(diffusion_config, model_config) -> backbone module exposing `min_input_length`. Adding a
+backbone is one line. Builders check the JSON `config` block against the constructor's signature,
+so an unknown argument is an error naming it (SAT forwards it silently through **kwargs).
+`model.cantus` options are passed as explicit arguments; they never live in the backbone block.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
+from pipeline.models.conditioners import check_kwargs, create_multi_conditioner_from_conditioning_config
+from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
+                                               DiTUncondWrapper, DiTWrapper)
+from pipeline.models.dance_unet import build_dau_cond, build_dau_uncond
+from pipeline.models.dit import DiffusionTransformer
+from pipeline.models.unet1d import build_adp_1d_cond, build_adp_1d_uncond, build_adp_cfg_1d
+
+logger = logging.getLogger(__name__)
+
+KEY = "model.diffusion.config"
+_CANTUS_ARGS = ("attention_masks", "checkpointing", "attention_backend", "diffusion_objective")
+
+
+def _checked(cls, config: dict, key_path: str, reserved=()) -> dict:
+    try:
+        check_kwargs(cls, config, key_path, reserved=reserved)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dict(config)
+
+
+def _dit(config: dict, cfg: ModelConfig, key_path: str) -> DiffusionTransformer:
+    c = cfg.model.cantus
+    return DiffusionTransformer(**config, diffusion_objective=cfg.model.diffusion.diffusion_objective,
+                                attention_masks=c.attention_masks, checkpointing=c.checkpointing,
+                                attention_backend=c.attention_backend)
+
+
+def build_dit_cond(d: DiffusionConfig, cfg: ModelConfig) -> nn.Module:
+    return DiTWrapper(_dit(_checked(DiffusionTransformer, d.config, KEY, _CANTUS_ARGS), cfg, KEY))
+
+
+def build_dit_uncond(d: DiffusionConfig, cfg: ModelConfig) -> nn.Module:
+    # SAT's unconditional DiT names its io channels `in_channels`.
+    key = "model.config"
+    config = dict(d.config)
+    if "in_channels" not in config:
+        raise ConfigError(f"{key}.in_channels is required for an unconditional dit")
+    config["io_channels"] = config.pop("in_channels")
+    return DiTUncondWrapper(_dit(_checked(DiffusionTransformer, config, key, _CANTUS_ARGS), cfg, key))
+
+
+COND_BACKBONES: dict[str, Callable[[DiffusionConfig, ModelConfig], nn.Module]] = {
+    "dit": build_dit_cond,
+    "adp_cfg_1d": build_adp_cfg_1d,
+    "adp_1d": build_adp_1d_cond,
+    "DAU1d": build_dau_cond,
+}
+UNCOND_BACKBONES: dict[str, Callable[[DiffusionConfig, ModelConfig], nn.Module]] = {
+    "dit": build_dit_uncond,
+    "adp_uncond_1d": build_adp_1d_uncond,
+    "adp_1d": build_adp_1d_uncond,
+    "DAU1d": build_dau_uncond,
+}
+
+
+def _backbone(registry: dict, d: DiffusionConfig, cfg: ModelConfig, key: str) -> nn.Module:
+    if d.type not in registry:
+        raise ConfigError(f"{key}={d.type!r} is not a supported backbone; supported: {sorted(registry)}")
+    return registry[d.type](d, cfg)
+
+
+def _pretransform(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.model.pretransform is None:
+        return None
+    from pipeline.models.pretransforms import create_pretransform_from_config
+    return create_pretransform_from_config(cfg.model.pretransform, cfg.sample_rate, cfg.audio_channels)
+
+
+def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
+    d = cfg.model.diffusion
+    backbone = _backbone(COND_BACKBONES, d, cfg, "model.diffusion.type")
+    pretransform = _pretransform(cfg)
+    conditioner = None
+    if cfg.model.conditioning is not None:
+        conditioner = create_multi_conditioner_from_conditioning_config(cfg.model.conditioning)
+    ratio = 1 if pretransform is None else pretransform.downsampling_ratio
+    return ConditionedDiffusionModelWrapper(
+        backbone, conditioner, io_channels=cfg.model.io_channels, sample_rate=cfg.sample_rate,
+        min_input_length=ratio * backbone.min_input_length, diffusion_objective=d.diffusion_objective,
+        distribution_shift_options=d.distribution_shift_options, pretransform=pretransform,
+        cross_attn_cond_ids=d.cross_attention_cond_ids, global_cond_ids=d.global_cond_ids,
+        input_concat_ids=d.input_concat_ids, prepend_cond_ids=d.prepend_cond_ids)
+
+
+def _diffusion_uncond(cfg: ModelConfig) -> nn.Module:
+    d = cfg.model.diffusion
+    backbone = _backbone(UNCOND_BACKBONES, d, cfg, "model.type")
+    pretransform = _pretransform(cfg)
+    ratio = 1 if pretransform is None else pretransform.downsampling_ratio
+    return DiffusionModelWrapper(backbone, io_channels=backbone.io_channels, sample_size=cfg.sample_size,
+                                 sample_rate=cfg.sample_rate, min_input_length=ratio * backbone.min_input_length,
+                                 pretransform=pretransform, diffusion_objective="v")
+
+
+def _autoencoder(cfg: ModelConfig) -> nn.Module:
+    from pipeline.models.autoencoder import create_autoencoder_from_config
+    return create_autoencoder_from_config(cfg)
+
+
+MODEL_TYPES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "diffusion_cond": _diffusion_cond,
+    "diffusion_uncond": _diffusion_uncond,
+    "autoencoder": _autoencoder,
+}
+
+
+def create_model_from_config(config: "ModelConfig | dict | str") -> nn.Module:
+    """Build the model an SAT config describes (a parsed ModelConfig, its dict, or a JSON path).
+
+    Works under `with torch.device("meta")`: no weights are read (text encoders load on first use)."""
+    cfg = load_model_config(config)
+    if cfg.model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type={cfg.model_type!r} is not supported; supported: {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[cfg.model_type](cfg)

