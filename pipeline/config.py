@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -582,10 +583,12 @@ def _check_model(cfg: ModelConfig) -> None:
                           f"{unit} (pretransform ratio {cfg.downsampling_ratio} x backbone {unit // cfg.downsampling_ratio})")
 
 
-def load_model_config(source: "str | dict | ModelConfig") -> ModelConfig:
+def load_model_config(source: "str | os.PathLike | dict | ModelConfig") -> ModelConfig:
     """Parse an SAT model config (a path, a dict or an already parsed config)."""
     if isinstance(source, ModelConfig):
         return source
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     name = source if isinstance(source, str) else "<dict>"
     raw = read_json(source) if isinstance(source, str) else source
     try:
@@ -662,6 +665,8 @@ class DatasetConfig:
 
 
 def load_dataset_config(source: "str | dict") -> DatasetConfig:
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     name = source if isinstance(source, str) else "<dict>"
     raw = read_json(source) if isinstance(source, str) else source
     unknown: list[str] = []

@@ -1,0 +1,136 @@
+"""Optimizers and learning-rate schedules from ``training.optimizer_configs`` (SAT's layout)::
+
+    "optimizer_configs": {"diffusion": {
+        "optimizer": {"type": "AdamW", "config": {"lr": 5e-5, "betas": [0.9, 0.999], "weight_decay": 1e-3}},
+        "scheduler": {"type": "InverseLR", "config": {"inv_gamma": 1000000, "power": 0.5, "warmup": 0.99}}}}
+
+``type`` is any ``torch.optim`` optimizer, or a name the caller supplies in ``extra_optimizers``:
+DeepSpeed's ``FusedAdam`` and ``DeepSpeedCPUAdam`` are resolved that way by the train stage, so this
+module never imports DeepSpeed (model code must not); asked for them without a lookup it says so.
+Schedulers are ``InverseLR`` or any ``torch.optim.lr_scheduler`` class, stepped once per optimizer
+step. Without ``optimizer_configs``, ``training.learning_rate`` gives SAT's fallback: Adam at that
+constant rate. With both, ``optimizer_configs`` wins and a warning says so (as in SAT).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_OPTIMIZERS = ("FusedAdam", "DeepSpeedCPUAdam")
+
+
+class InverseLR(torch.optim.lr_scheduler.LRScheduler):
+    """Inverse decay with an exponential warm-up (SAT ``training/utils.py``; from k-diffusion).
+
+    After ``k`` calls of ``step()``: ``lr = (1 - warmup**(k + 1)) * max(final_lr, base_lr * (1 + k / inv_gamma)**-power)``.
+    ``inv_gamma`` is the number of steps for the rate to decay to ``(1/2)**power`` of ``base_lr``;
+    ``warmup`` in [0, 1) sets the warm-up's time scale (0.99: about 100 steps; 0 disables it).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, inv_gamma: float = 1.0, power: float = 1.0,
+                 warmup: float = 0.0, final_lr: float = 0.0, last_epoch: int = -1) -> None:
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"InverseLR warmup={warmup}: expected 0 <= warmup < 1")
+        if not inv_gamma > 0:
+            raise ValueError(f"InverseLR inv_gamma={inv_gamma}: expected > 0")
+        self.inv_gamma, self.power, self.warmup, self.final_lr = inv_gamma, power, warmup, final_lr
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return self._get_closed_form_lr()
+
+    def _get_closed_form_lr(self) -> list[float]:
+        k = self.last_epoch
+        warmup = 1 - self.warmup ** (k + 1)
+        decay = (1 + k / self.inv_gamma) ** -self.power
+        return [warmup * max(self.final_lr, base_lr * decay) for base_lr in self.base_lrs]
+
+
+def _check_kwargs(cls: type, config: dict, key: str, skip: int) -> None:
+    params = list(inspect.signature(cls).parameters.values())[skip:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params]
+    unknown = sorted(set(config) - set(names))
+    if unknown:
+        raise ValueError(f"{key}.config: {cls.__name__} has no arguments {unknown}; it takes {names}")
+
+
+def _block(block: Any, key: str) -> tuple[str, dict]:
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise ValueError(f"{key}: expected {{'type': <name>, 'config': {{...}}}}, got {block!r}")
+    unknown = sorted(set(block) - {"type", "config"})
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; expected 'type' and 'config'")
+    config = block.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}.config: expected an object, got {config!r}")
+    return block["type"], config
+
+
+def create_optimizer(block: dict, params: Iterable[torch.Tensor] | Iterable[dict], key: str,
+                     extra_optimizers: Mapping[str, type] | None = None) -> torch.optim.Optimizer:
+    """An optimizer from one ``{"type", "config"}`` block at config path ``key``."""
+    name, config = _block(block, key)
+    extra = dict(extra_optimizers or {})
+    if name in extra:
+        cls = extra[name]
+    elif name in DEEPSPEED_OPTIMIZERS:
+        raise ValueError(f"{key}.type={name!r} is a DeepSpeed optimizer; the caller must supply it "
+                         f"(extra_optimizers={{'{name}': deepspeed.ops...}}), or use a torch.optim name such as 'AdamW'")
+    else:
+        cls = getattr(torch.optim, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            known = sorted(n for n, c in vars(torch.optim).items()
+                           if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+            raise ValueError(f"{key}.type={name!r} is not a torch.optim optimizer; expected one of {known + sorted(extra)}")
+    _check_kwargs(cls, config, key, skip=1)
+    return cls(params, **config)
+
+
+def create_scheduler(block: dict, optimizer: torch.optim.Optimizer, key: str) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler from one ``{"type", "config"}`` block: ``InverseLR`` or a ``torch.optim.lr_scheduler`` name."""
+    name, config = _block(block, key)
+    if name == "InverseLR":
+        cls = InverseLR
+    else:
+        cls = getattr(torch.optim.lr_scheduler, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
+            raise ValueError(f"{key}.type={name!r} is neither 'InverseLR' nor a torch.optim.lr_scheduler class")
+    _check_kwargs(cls, config, key, skip=1)
+    return cls(optimizer, **config)
+
+
+def create_optimizer_and_scheduler(
+        optimizer_configs: dict | None, learning_rate: float | None, params: Iterable[torch.Tensor],
+        group: str = "diffusion", extra_optimizers: Mapping[str, type] | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer (and scheduler, if configured) of ``training.optimizer_configs.<group>``.
+
+    ``group`` is ``diffusion`` for diffusion models (``autoencoder``/``discriminator`` for autoencoders).
+    """
+    if optimizer_configs is None:
+        if learning_rate is None:
+            raise ValueError("training: set either learning_rate or optimizer_configs")
+        return torch.optim.Adam(params, lr=learning_rate), None
+    if learning_rate is not None:
+        logger.warning("training.learning_rate=%s is ignored: training.optimizer_configs is set (as in SAT)",
+                       learning_rate)
+    key = f"training.optimizer_configs.{group}"
+    section = optimizer_configs.get(group)
+    if not isinstance(section, dict) or "optimizer" not in section:
+        raise ValueError(f"{key}: expected an object with 'optimizer' (and optionally 'scheduler'); "
+                         f"optimizer_configs has {sorted(optimizer_configs)}")
+    unknown = sorted(set(section) - {"optimizer", "scheduler"})
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; expected 'optimizer' and 'scheduler'")
+    optimizer = create_optimizer(section["optimizer"], params, f"{key}.optimizer", extra_optimizers)
+    scheduler = None
+    if "scheduler" in section:
+        scheduler = create_scheduler(section["scheduler"], optimizer, f"{key}.scheduler")
+    return optimizer, scheduler
