@@ -52,6 +52,10 @@ class ConfigError(ValueError):
     """A config value breaks a rule; the message names the file, the key path and what was expected."""
 
 
+class MissingPackageError(ConfigError):
+    """A valid config names a part whose optional package is not installed (dac, laion_clap, ...)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Reading helpers: every access names its key path, and every unread key is reported.
 
@@ -539,11 +543,15 @@ def _training(s: _Section | None) -> TrainingConfig:
 
 
 def _min_input_length(d: DiffusionConfig) -> int:
-    """Backbone's minimum input length in latent frames (SAT: patch_size, or the product of U-Net factors)."""
+    """Backbone's minimum input length in latent frames: SAT's patch_size (DiT), the product of the
+    U-Net factors times patch_size (ADP), or 2^(depth-1) (DAU1d, whose levels each halve the length)."""
+    c = d.config
     if d.type == "dit":
-        return int(d.config.get("patch_size", 1))
+        return int(c.get("patch_size", 1))
     if d.type.startswith("adp"):
-        return math.prod(int(f) for f in d.config.get("factors", [1]))
+        return math.prod(int(f) for f in c.get("factors", [1])) * int(c.get("patch_size", 1))
+    if d.type == "DAU1d":
+        return 2 ** (int(c.get("depth", 14)) - 1)
     return 1
 
 
@@ -760,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_model_config(args.config)
             lines = summarize(cfg)
             if not args.no_build:
-                built = _build_on_meta(cfg)
+                try:
+                    built = _build_on_meta(cfg)
+                except MissingPackageError as e:
+                    built = f"parameters   not counted: the config is valid, but {e}"
                 if built:
                     lines.append(built)
     except (ConfigError, ValueError, TypeError, ImportError) as e:
@@ -773,4 +784,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, not __main__'s, so its classes are the ones the
+    # model factory checks against.
+    from pipeline.config import main as package_main
+    sys.exit(package_main())

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import mimetypes
 import os
 import shutil
 import uuid
@@ -242,7 +243,7 @@ def upload(local_path: str, url: str) -> None:
     from boto3.s3.transfer import TransferConfig
     bucket, key = _split(url)
     with _s3_errors(url):
-        _client().upload_file(local_path, bucket, key, Config=TransferConfig(
+        _client().upload_file(local_path, bucket, key, ExtraArgs={"ContentType": _content_type(key)}, Config=TransferConfig(
             multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE))
 
 
@@ -353,20 +354,30 @@ def _client():
 
 
 
+mimetypes.add_type("audio/flac", ".flac")  # missing from some systems' tables
+
+
+def _content_type(key: str) -> str:
+    """S3 serves what it was told: a page, its audio and images must carry their types to open in a
+    browser from a bucket (render's static site)."""
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
 def _s3_write(bucket: str, key: str, chunks: Iterator[bytes]) -> None:
     client, buf, upload_id, parts = _client(), bytearray(), None, []
+    kind = _content_type(key)
     try:
         for chunk in chunks:
             buf += chunk
             while len(buf) > PART_SIZE:  # ">" so a body of exactly one part stays a single PUT
                 if upload_id is None:
-                    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+                    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, ContentType=kind)["UploadId"]
                 part = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
                                           PartNumber=len(parts) + 1, Body=bytes(buf[:PART_SIZE]))
                 parts.append({"PartNumber": len(parts) + 1, "ETag": part["ETag"]})
                 del buf[:PART_SIZE]
         if upload_id is None:
-            client.put_object(Bucket=bucket, Key=key, Body=bytes(buf))
+            client.put_object(Bucket=bucket, Key=key, Body=bytes(buf), ContentType=kind)
             return
         if buf:
             part = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,

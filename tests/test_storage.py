@@ -197,3 +197,13 @@ storage.write({url!r}, chunks())
     if not storage.is_s3(url):  # the only leftover is the hidden temp file, which listing skips
         leftovers = sorted(os.listdir(os.path.dirname(url)))
         assert leftovers[-1] == "big.bin" and all(n.startswith(".big.bin.") for n in leftovers[:-1])
+
+
+def test_s3_objects_carry_their_content_type(s3_bucket):
+    """A page served from a bucket opens in a browser only with the right types."""
+    from pipeline.storage import _client, _split
+    for name, kind in (("index.html", "text/html"), ("a.flac", "audio/flac"), ("b.png", "image/png")):
+        url = f"s3://{s3_bucket}/types/{name}"
+        storage.write(url, b"x")
+        bucket, key = _split(url)
+        assert _client().head_object(Bucket=bucket, Key=key)["ContentType"] == kind

@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh
 bash tools/install_system.sh
+bash tools/install_browser.sh
+[ -f tools/install_slurm.sh ] && bash tools/install_slurm.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m pytest tests -q "$@"

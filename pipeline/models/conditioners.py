@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config import MissingPackageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -197,7 +199,7 @@ class CLAPTextConditioner(Conditioner):
         try:
             import laion_clap  # noqa: F401
         except ImportError as e:
-            raise ImportError("conditioner type 'clap_text' needs the laion_clap package "
+            raise MissingPackageError("conditioner type 'clap_text' needs the laion_clap package "
                               "(pip install laion-clap) and a CLAP checkpoint (clap_ckpt_path)") from e
         if finetune:
             raise NotImplementedError("clap_text with finetune=true is not supported by Cantus")

@@ -3,6 +3,8 @@
 import importlib.util
 
 import pytest
+
+from pipeline.config import MissingPackageError
 import torch
 
 from pipeline.config import parse_conditioning
@@ -99,7 +101,7 @@ def test_unknown_conditioner_type_or_argument_is_named():
 def test_clap_text_without_laion_clap_names_the_package():
     conditioning = parse_conditioning({"cond_dim": 768, "configs": [
         {"id": "prompt", "type": "clap_text", "config": {"clap_ckpt_path": "/x.ckpt", "use_text_features": True}}]})
-    with pytest.raises(ImportError, match="laion_clap"):
+    with pytest.raises(MissingPackageError, match="laion_clap"):
         create_multi_conditioner_from_conditioning_config(conditioning)
 
 
