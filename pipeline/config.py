@@ -211,10 +211,6 @@ class AutoencoderConfig:
     pretransform: PretransformConfig | None = None
     """An inner pretransform (e.g. PQMF) applied before the encoder."""
 
-    def identity_dict(self, raw: dict) -> dict:
-        """The keys ARCHITECTURE.md hashes into ``architecture_sha256`` (requires_grad left out)."""
-        keys = ("encoder", "decoder", "bottleneck", "latent_dim", "downsampling_ratio", "io_channels")
-        return _strip_requires_grad({k: raw[k] for k in keys if k in raw})
 
 
 @dataclass(**_frozen)
@@ -353,19 +349,12 @@ class ModelConfig:
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no whitespace: the form that is hashed (configs, manifests, architectures)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def sha256_of(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def _strip_requires_grad(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_requires_grad(v) for k, v in obj.items() if k != "requires_grad"}
-    if isinstance(obj, list):
-        return [_strip_requires_grad(v) for v in obj]
-    return obj
 
 
 def read_json(path: str) -> dict:

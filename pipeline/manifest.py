@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline import storage
+from pipeline.config import canonical_json
 
 FORMAT = "cantus.manifest/1"
 STAGES = ("shard", "pre_encode", "train", "render")
@@ -56,11 +57,6 @@ class ManifestError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace: the form that is hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def sha256_bytes(data: bytes) -> str:
