@@ -67,22 +67,30 @@ def load_encoder(args) -> Encoder:
             block = dataclasses.replace(block, scale=args.scale)
         raw_block = block.config
     pretransform = create_pretransform_from_config(block, cfg.sample_rate, cfg.audio_channels)
+    weights_url = resolve_weights_url(args.pretransform_ckpt)
     if args.dry_run:
         weights_sha = None
     else:
-        weights_sha = load_autoencoder_weights(pretransform.model, _local_copy(args.pretransform_ckpt))
+        weights_sha = load_autoencoder_weights(pretransform.model, _local_copy(weights_url))
     fold_weight_norm(pretransform.model, inplace=True)  # bf16/fp16 work on plain convolutions (SAT #131)
     dtype = DTYPES[args.dtype]
     pretransform.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
     auto = block.autoencoder
     properties = {
         "architecture_sha256": architecture_sha256(raw_block), "weights_sha256": weights_sha,
-        "scale": block.scale, "weights_url": args.pretransform_ckpt, "latent_channels": auto.latent_dim,
+        "scale": block.scale, "weights_url": weights_url, "latent_channels": auto.latent_dim,
         "downsampling_ratio": auto.downsampling_ratio, "bottleneck": auto.bottleneck.type if auto.bottleneck else None,
         "dtype": "fp32" if dtype == torch.float32 else "fp16", "sample_rate": cfg.sample_rate,
         "channels": cfg.audio_channels, "sample_size": args.sample_size or cfg.sample_size,
     }
     return Encoder(pretransform, properties, cfg.sample_rate, cfg.audio_channels)
+
+
+def resolve_weights_url(url: str) -> str:
+    """A VAE train run's ledger (``<out>/checkpoints/manifest.json``) stands for its newest export."""
+    if url.endswith("manifest.json"):
+        return mf.read_ledger(url).at_step().export_url
+    return url
 
 
 def _local_copy(url: str) -> str:
@@ -246,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan the work, run one task, or commit the parts into the manifest")
     p.add_argument("--input", required=True, help="URL of the audio manifest (stage 1's manifest.json)")
     p.add_argument("--model-config", required=True, help="diffusion config with a pretransform, or an autoencoder config")
-    p.add_argument("--pretransform-ckpt", required=True, help="VAE weights: standalone, or a full model checkpoint")
+    p.add_argument("--pretransform-ckpt", required=True, help="VAE weights: standalone, a full model checkpoint, or a VAE train ledger (newest export)")
     p.add_argument("--output", required=True, help="output URL (local path or s3://bucket/prefix)")
     p.add_argument("--scale", type=float, default=None,
                    help="pretransform scale (default: the diffusion config's, 1 for an autoencoder config)")

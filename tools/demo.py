@@ -1,9 +1,10 @@
 """The embedded default: every stage on local storage with the local launcher, one after another.
 
 Builds the small real-music demo set, shards it, trains a small VAE (the train stage with
-``model_type: autoencoder``), pre-encodes, trains a small DiT, renders, runs the probe, and prints a
-table per stage and the path of the demo page. Each stage is skipped when its output manifest exists,
-so a second run finishes what a first one left. The same commands run on a cluster with other URLs.
+``model_type: autoencoder``), pre-encodes the train and validation sets, trains a small DiT, renders,
+runs the probe, and prints a table per stage and the path of the demo page. A stage whose output
+exists is skipped, so a second run finishes what a first one left. The same commands run on a cluster;
+only the URLs and the launcher change.
 """
 from __future__ import annotations
 
@@ -16,30 +17,63 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    {"id": "piano-bach", "prompt": "solo piano, Bach chorale in G major, 4/4, 80 BPM", "seconds_start": 0,
+     "seconds_total": 5},
+    {"id": "strings-mozart", "prompt": "string quartet, Mozart quartet movement in D major, 3/4, 120 BPM",
+     "seconds_start": 0, "seconds_total": 5},
+    {"id": "flute-reel", "prompt": "flute, Irish folk reel in D major, 4/4, 140 BPM", "seconds_start": 0,
+     "seconds_total": 5},
+    {"id": "choir-minor", "prompt": "choir, Palestrina motet in A minor, 4/2, 70 BPM", "seconds_start": 0,
+     "seconds_total": 5},
+]
 
 
-def stage_exists(module: str) -> bool:
-    return (ROOT / "pipeline" / f"{module}.py").exists()
+class Chain:
+    """Runs stages in order and records (stage, items, seconds, throughput, status)."""
 
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, str, str]] = []
 
-def run(name: str, cmd: list[str], done: Path, rows: list, items_from=None) -> bool:
-    """Run one stage unless its output exists; record (stage, items, seconds, status)."""
-    if done.exists():
-        rows.append((name, items_from(done) if items_from else "-", 0.0, "done before"))
+    def run(self, name: str, cmd: list[str], done: Path, count=None, unit: str = "items", steps: int = 0) -> bool:
+        """``done`` is the stage's output manifest; for a train run (``steps`` > 0) its ledger must also
+        list the final step, else the trainer runs again and resumes."""
+        def complete() -> bool:
+            return done.exists() and (not steps or int(ledger_step(done)) >= steps)
+
+        if complete():
+            self.rows.append((name, count(done) if count else "-", 0.0, "-", "done before"))
+            return True
+        print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        seconds = time.time() - start
+        if proc.returncode != 0 or not complete():
+            self.rows.append((name, "-", seconds, "-", f"failed (exit {proc.returncode})"))
+            return False
+        items = count(done) if count else "-"
+        rate = f"{float(items) / seconds:.1f} {unit}/s" if items not in ("-", "0") else "-"
+        self.rows.append((name, items, seconds, rate, "ok"))
         return True
-    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    seconds = time.time() - start
-    ok = proc.returncode == 0 and done.exists()
-    rows.append((name, items_from(done) if ok and items_from else "-", seconds, "ok" if ok else f"failed ({proc.returncode})"))
-    return ok
+
+    def table(self) -> str:
+        lines = [f"{'stage':<16} {'items':>8} {'seconds':>9}  {'throughput':<18} status"]
+        lines += [f"{n:<16} {i:>8} {s:>9.1f}  {r:<18} {st}" for n, i, s, r, st in self.rows]
+        return "\n".join(lines)
 
 
-def manifest_items(path: Path) -> str:
-    data = json.loads(path.read_text())
-    totals = data.get("totals", {})
-    return str(totals.get("samples", totals.get("items", len(data.get("outputs", data.get("checkpoints", []))))))
+def samples(path: Path) -> str:
+    totals = json.loads(path.read_text())["totals"]
+    return str(totals.get("samples", totals.get("outputs", 0)))
+
+
+def lines(path: Path) -> str:
+    return str(sum(1 for _ in path.open()))
+
+
+def ledger_step(path: Path) -> str:
+    checkpoints = json.loads(path.read_text())["checkpoints"]
+    return str(max(c["step"] for c in checkpoints)) if checkpoints else "0"
 
 
 def main() -> int:
@@ -48,41 +82,63 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "demo_out"), help="where everything is written")
     parser.add_argument("--num-clips", type=int, default=300, help="clips in the demo dataset")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
-    parser.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
-    parser.add_argument("--dit-steps", type=int, default=1500, help="DiT training steps")
+    parser.add_argument("--vae-steps", type=int, default=300, help="VAE training steps")
+    parser.add_argument("--dit-steps", type=int, default=1000, help="DiT training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
     args = parser.parse_args()
-    out = Path(args.out)
-    py = sys.executable
-    rows: list = []
-    data = out / "dataset"
-    steps = [
+    out, py = Path(args.out), sys.executable
+    data, shards, vae, dit = out / "dataset", out / "shards", out / "vae", out / "dit"
+    latents, latents_val, render = out / "latents", out / "latents_val", out / "render"
+    prompts = out / "prompts.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    train = [py, "pipeline/train.py", "--ds_config", "ds_configs/zero2_cpu.json", "--wandb", "off",
+             "--batch-size", str(args.batch_size), "--num-workers", "1"]
+    vae_ledger, dit_ledger = vae / "checkpoints" / "manifest.json", dit / "checkpoints" / "manifest.json"
+    chain = Chain()
+    stages = [
         ("dataset", [py, "tools/make_demo_dataset.py", "--out", str(data), "--num-clips", str(args.num_clips),
-                     "--seconds", str(args.seconds), "--sample-rate", "16000"], data / "metadata.jsonl", None),
+                     "--seconds", str(args.seconds), "--sample-rate", "16000", "--channels", "1"],
+         data / "metadata.jsonl", lines, "clips", 0),
         ("shard", [py, "-m", "pipeline.shard", "--input", str(data), "--captions", str(data / "metadata.jsonl"),
-                   "--output", str(out / "shards"), "--sample-rate", "16000", "--channels", "1",
-                   "--val-fraction", "0.1"], out / "shards" / "manifest.json", manifest_items),
-        ("train_vae", [py, "pipeline/train.py", "--ds_config", "ds_configs/zero2_cpu.json",
-                       "--model-config", "configs/demo_vae.json", "--data", str(out / "shards" / "manifest.json"),
-                       "--output", str(out / "vae"), "--max-steps", str(args.vae_steps), "--batch-size", "8",
-                       "--wandb", "off"], out / "vae" / "checkpoints" / "manifest.json", manifest_items),
+                   "--output", str(shards), "--sample-rate", "16000", "--channels", "1", "--val-fraction", "0.1"],
+         shards / "manifest.json", samples, "clips", 0),
+        ("train VAE", train + ["--model-config", "configs/demo_vae.json", "--data", str(shards / "manifest.json"),
+                               "--output", str(vae), "--max-steps", str(args.vae_steps),
+                               "--checkpoint-every", str(args.vae_steps)],
+         vae_ledger, ledger_step, "steps", args.vae_steps),
     ]
-    for name, cmd, done, items in steps:
-        module = cmd[2] if cmd[1] == "-m" else Path(cmd[1]).stem
-        script = ROOT / (cmd[1] if cmd[1] != "-m" else f"{module.replace('.', '/')}.py")
-        if not script.exists():
-            rows.append((name, "-", 0.0, f"not there yet ({script.relative_to(ROOT)})"))
-            continue
-        if not run(name, cmd, done, rows, items):
+    encode = [py, "-m", "pipeline.pre_encode", "--model-config", "configs/demo_dit.json",
+              "--pretransform-ckpt", str(vae_ledger), "--batch-size", "16"]
+    stages += [
+        ("pre_encode", encode + ["--input", str(shards / "manifest.json"), "--output", str(latents)],
+         latents / "manifest.json", samples, "windows", 0),
+        ("pre_encode val", encode + ["--input", str(shards / "val" / "manifest.json"), "--output", str(latents_val)],
+         latents_val / "manifest.json", samples, "windows", 0),
+        ("train DiT", train + ["--model-config", "configs/demo_dit.json", "--data", str(latents / "manifest.json"),
+                               "--val-data", str(latents_val / "manifest.json"), "--val-every", "250",
+                               "--output", str(dit), "--max-steps", str(args.dit_steps),
+                               "--checkpoint-every", str(args.dit_steps // 2)],
+         dit_ledger, ledger_step, "steps", args.dit_steps),
+        ("render", [py, "-m", "pipeline.render", "--checkpoints", str(dit_ledger), "--prompts", str(prompts),
+                    "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0,1"],
+         render / "manifest.json", samples, "clips", 0),
+        ("probe", [py, "-m", "pipeline.probe", "--checkpoint", str(dit_ledger), "--data",
+                   str(latents_val / "manifest.json"), "--reference", str(data), "--num-generate", "16",
+                   "--out", str(out / "probe.json")],
+         out / "probe.json", None, "items", 0),
+    ]
+    for name, cmd, done, count, unit, steps in stages:
+        if not chain.run(name, cmd, done, count, unit, steps):
             break
-    for later in ("pre_encode", "train (DiT)", "render", "probe"):
-        module = later.split()[0]
-        if not stage_exists(module) or module in ("pre_encode", "render", "probe"):
-            rows.append((later, "-", 0.0, "not wired into the demo yet"))
-    print(f"\n{'stage':<12} {'items':>8} {'seconds':>9}  status")
-    for name, items, seconds, status in rows:
-        print(f"{name:<12} {items:>8} {seconds:>9.1f}  {status}")
-    failed = any(status.startswith("failed") for *_, status in rows)
-    return 1 if failed else 0
+    print("\n" + chain.table())
+    if (out / "probe.json").exists():
+        print("\nprobe:", (out / "probe.json").read_text()[:2000])
+    if (render / "index.html").exists():
+        print(f"\ndemo page: {render / 'index.html'}")
+    if (dit / "demos" / "index.html").exists():
+        print(f"training demos: {dit / 'demos' / 'index.html'}")
+    return 0 if all(row[-1] in ("ok", "done before") for row in chain.rows) else 1
 
 
 if __name__ == "__main__":
