@@ -1,0 +1,158 @@
+"""Rank, local rank, world size and rendezvous address from whichever launcher started us.
+
+This is the only module that reads the launcher's environment variables. Supported launchers:
+torchrun and the `deepspeed` launcher (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), SLURM's
+`srun` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first host of
+SLURM_JOB_NODELIST), and a plain `python pipeline/train.py` (one process, world size 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+from typing import Mapping, MutableMapping
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DistEnv:
+    rank: int
+    """Global rank, 0 .. world_size-1."""
+    local_rank: int
+    """Rank on this node; picks the device."""
+    world_size: int
+    """Number of processes in the job."""
+    master_addr: str
+    """Host of rank 0 (rendezvous)."""
+    master_port: int
+    """TCP port of the rendezvous on master_addr."""
+    launcher: str
+    """Where the numbers came from: "torchrun" (also the deepspeed launcher), "slurm" or "none"."""
+    local_world_size: int = 1
+    """Processes on this node."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} must lie in [0, world_size={self.world_size}) "
+                             f"(launcher {self.launcher})")
+        if self.local_rank < 0:
+            raise ValueError(f"local_rank={self.local_rank} must be >= 0 (launcher {self.launcher})")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list such as `node[01-04],gpu7`, via `scontrol show hostnames`."""
+    done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"`scontrol show hostnames {nodelist}` failed ({done.stderr.strip()[-200:]}): set MASTER_ADDR "
+                         f"to the first node's host name in the batch script")
+    out = done.stdout.split()
+    if not out:
+        raise ValueError(f"`scontrol show hostnames {nodelist}` printed no host (SLURM_JOB_NODELIST)")
+    return out[0]
+
+
+def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistEnv:
+    """Read the launcher's variables. `local_rank_arg` is the `--local_rank=N` the deepspeed launcher
+    appends to our argv; it wins over LOCAL_RANK when both are present and they must agree."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local_rank = _int_var(env, "LOCAL_RANK") if "LOCAL_RANK" in env else local_rank_arg
+        if local_rank is None:
+            raise ValueError("RANK and WORLD_SIZE are set but neither LOCAL_RANK nor --local_rank is: "
+                             "start the job with torchrun, the deepspeed launcher or srun")
+        if local_rank_arg is not None and local_rank_arg != local_rank:
+            raise ValueError(f"--local_rank={local_rank_arg} disagrees with LOCAL_RANK={local_rank}")
+        return DistEnv(rank=_int_var(env, "RANK"), local_rank=local_rank,
+                       world_size=_int_var(env, "WORLD_SIZE"),
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_MASTER_PORT,
+                       launcher="torchrun",
+                       local_world_size=_int_var(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int_var(env, "SLURM_NTASKS")
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif world == 1:
+            addr = "127.0.0.1"
+        else:
+            addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+        # One port per job, so two jobs sharing a node do not collide at the rendezvous.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return DistEnv(rank=_int_var(env, "SLURM_PROCID"), local_rank=_int_var(env, "SLURM_LOCALID"),
+                       world_size=world, master_addr=addr,
+                       master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port,
+                       launcher="slurm", local_world_size=_tasks_per_node(env))
+    return DistEnv(rank=0, local_rank=local_rank_arg or 0, world_size=1, master_addr="127.0.0.1",
+                   master_port=_free_port(), launcher="none")
+
+
+def _tasks_per_node(env: Mapping[str, str]) -> int:
+    """SLURM_NTASKS_PER_NODE, or the first count of SLURM_TASKS_PER_NODE (`2(x3),1`); 1 when neither is set."""
+    value = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    return int(value.split("(")[0].split(",")[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export(denv: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
+    """Write the variables DeepSpeed's `init_distributed()` reads (it knows no SLURM variable and,
+    without them, falls back to mpi4py)."""
+    env = os.environ if environ is None else environ
+    env["RANK"] = str(denv.rank)
+    env["LOCAL_RANK"] = str(denv.local_rank)
+    env["WORLD_SIZE"] = str(denv.world_size)
+    env["LOCAL_SIZE"] = str(denv.local_world_size)  # DeepSpeed's CPU accelerator counts its devices from it
+    env["MASTER_ADDR"] = denv.master_addr
+    env["MASTER_PORT"] = str(denv.master_port)
+
+
+def device_for(denv: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", denv.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_process_group(denv: DistEnv) -> None:
+    """Start torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU). World size 1 gets a real
+    one-rank group too, so collectives need no `if` (k-diffusion's `ensure_distributed`)."""
+    import deepspeed  # here, not at import time: tests of the data and checkpoint code skip its start-up
+
+    export(denv)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_for(denv))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    logger.info("distributed: rank %d/%d local_rank %d via %s, master %s:%d", denv.rank, denv.world_size,
+                denv.local_rank, denv.launcher, denv.master_addr, denv.master_port)
+
+
+def init_logging(rank: int, level: int = logging.INFO) -> None:
+    """One format for every stage run under a launcher: the rank in the prefix, INFO from rank 0 only
+    (warnings from every rank), unless CANTUS_LOG_ALL_RANKS=1."""
+    all_ranks = os.environ.get("CANTUS_LOG_ALL_RANKS") == "1"
+    logging.basicConfig(level=level if rank == 0 or all_ranks else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)

@@ -1,0 +1,135 @@
+"""Export a trained model as one `.safetensors` in SAT's unwrapped layout, the model config in its metadata.
+
+    python -m pipeline.export --checkpoint <ledger URL [--step N] | checkpoint folder | .safetensors> --out FILE
+        [--model-config FILE] [--no-ema]
+
+The train stage already writes `<tag>/ema.safetensors` at every checkpoint; this command picks one (from the
+ledger, by step), checks its sha256 against the ledger, checks that its tensor names are exactly the model's,
+and writes it to `--out`. `--no-ema` exports the raw (non-averaged) weights: DeepSpeed's fp32 consolidation
+of the checkpoint's ZeRO partitions, with the frozen tensors (`pretransform.*`) taken from the export.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+
+import torch
+
+from pipeline import manifest, storage
+from pipeline.distributed.checkpoint import read_export, write_export
+
+logger = logging.getLogger("pipeline.export")
+
+EXPORT_NAME = "ema.safetensors"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="ledger URL (<out>/checkpoints/manifest.json), a "
+                                                       "checkpoint folder (<out>/checkpoints/<tag>) or a .safetensors")
+    p.add_argument("--step", type=int, default=None, help="with a ledger: the checkpoint at this step (default newest)")
+    p.add_argument("--out", required=True, help="the .safetensors to write (local path or s3://)")
+    p.add_argument("--model-config", default=None, help="model config JSON, for files that carry none (replaces "
+                                                        "the embedded one)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    return p
+
+
+def _fetch(url: str, folder: str) -> str:
+    if not storage.is_s3(url):
+        return url
+    path = os.path.join(folder, os.path.basename(url))
+    storage.download(url, path)
+    return path
+
+
+def _raw_weights(tag_url: str, work: str) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from the DeepSpeed checkpoint's ZeRO partitions (ZeRO 1-3)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.distributed.checkpoint import fetch
+
+    folder = tag_url
+    if storage.is_s3(tag_url):
+        folder = os.path.join(work, "ckpt", os.path.basename(tag_url.rstrip("/")))
+        fetch(tag_url, folder)
+    parent, tag = os.path.split(folder.rstrip("/"))
+    if not any(n.startswith("zero_pp_rank_") for n in os.listdir(folder)):
+        raise ValueError(f"{tag_url}: --no-ema needs a ZeRO 1-3 checkpoint (this one has no ZeRO partitions); "
+                         f"train with use_ema false to export raw weights at each checkpoint")
+    state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool]:
+    """(tensors, embedded model config, ema?) of what `--checkpoint` names."""
+    src = args.checkpoint.rstrip("/")
+    tag_url = None
+    if src.endswith(".safetensors"):
+        path = _fetch(src, work)
+    elif src.endswith(".json"):
+        entry = manifest.read_ledger(src).at_step(args.step)
+        path = _fetch(entry.export_url, work)
+        with open(path, "rb") as f:
+            got = manifest.sha256_bytes(f.read())
+        if got != entry.export_sha256:
+            raise ValueError(f"{entry.export_url}: sha256 {got[:12]}... differs from the ledger's "
+                             f"{entry.export_sha256[:12]}... (file changed after the checkpoint was recorded)")
+        tag_url = entry.checkpoint_url
+    else:
+        tag_url = src
+        path = _fetch(storage.join(src, EXPORT_NAME), work)
+    tensors, config, meta = read_export(path)
+    ema = meta.get("cantus_weights", "raw") == "ema"
+    if args.no_ema and ema:
+        if tag_url is None:
+            raise ValueError(f"{src} holds EMA weights; for the raw weights give its checkpoint folder or the ledger")
+        raw = _raw_weights(tag_url, work)
+        unknown = sorted(set(raw) - set(tensors))
+        if unknown:
+            raise ValueError(f"{tag_url}: checkpoint tensors {unknown[:3]} are not in {EXPORT_NAME}")
+        tensors.update(raw)
+        ema = False
+    return tensors, config, ema
+
+
+def check_layout(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """The tensor names and shapes must be exactly those of the model the config builds (SAT's layout)."""
+    from pipeline.models.factory import create_model_from_config
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in create_model_from_config(config).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+    if missing or extra or shapes:
+        raise ValueError(f"the weights do not match the model config: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(shapes)} of another shape "
+                         f"(e.g. {shapes[:3]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cantus-export-") as work:
+        tensors, config, ema = resolve(args, work)
+        if args.model_config is not None:
+            with open(args.model_config) as f:
+                config = json.load(f)
+        if config is None:
+            raise ValueError(f"{args.checkpoint} carries no model config (metadata key model_config): pass --model-config")
+        check_layout(tensors, config)
+        local = args.out if not storage.is_s3(args.out) else os.path.join(work, "out.safetensors")
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        write_export(local, tensors, config, ema=ema)
+        if local != args.out:
+            storage.upload(local, args.out)
+    logger.info("wrote %s (%d tensors, %s weights)", args.out, len(tensors), "EMA" if ema else "raw")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Stage 3, train: latent shards (or audio shards for an autoencoder) -> DeepSpeed checkpoints + exports + ledger.
+
+    deepspeed pipeline/train.py --ds_config ds_configs/zero2.json --model-config CONFIG \\
+        --data <latent manifest URL> --output URL [--max-steps N --batch-size B ...]
+
+Also under torchrun, srun, or as one plain process. A run whose output's ledger lists a checkpoint resumes
+from the newest one. Stopped by SIGTERM/SIGUSR1 before --max-steps, it saves and exits with code 75.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:
+    # Run as a script (`deepspeed pipeline/train.py`), Python puts pipeline/ first on sys.path, so
+    # `import pipeline` would fail and a module here could shadow a dependency: put the repo root first.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import dataclasses
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from pipeline import manifest
+from pipeline.config import ModelConfig, load_model_config
+from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef
+from pipeline.diffusion.losses import DiffusionLoss
+from pipeline.diffusion.objectives import create_objective
+from pipeline.diffusion.optim import create_optimizer_and_scheduler
+from pipeline.diffusion.timesteps import create_distribution_shift, create_timestep_sampler
+from pipeline.distributed import checkpoint, env
+from pipeline.distributed import engine as ds_setup
+from pipeline.distributed.ema import ShardedEMA
+from pipeline.distributed.ledger import RunOutputs, save_and_publish
+from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
+from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, log_plan,
+                                  mean_over_ranks, scratch_dir, start_wandb, validation_losses)
+
+logger = logging.getLogger("pipeline.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--model-config", required=True, help="SAT model config JSON")
+    p.add_argument("--data", required=True, help="latent manifest URL (pre_encode), or audio manifest (shard) "
+                                                 "for model_type autoencoder")
+    p.add_argument("--output", required=True, help="output URL (local path or s3://)")
+    p.add_argument("--val-data", default=None, help="validation manifest URL (same kind as --data)")
+    p.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (0: never)")
+    p.add_argument("--pretransform-ckpt", default=None, help="VAE weights; default: the manifest's weights_url")
+    p.add_argument("--pretrained-ckpt", default=None, help="unwrapped SAT .safetensors/.ckpt to start from")
+    p.add_argument("--allow-partial", action="store_true", help="with --pretrained-ckpt: load the tensors whose "
+                                                                "name and shape match, count the rest")
+    p.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train in total")
+    p.add_argument("--batch-size", type=int, default=None, help="micro batch per rank (else the ds_config's)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="model randomness: rank r uses seed * world + r")
+    p.add_argument("--data-seed", type=int, default=None, help="data order and crops (default: --seed)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
+    p.add_argument("--scratch-dir", default=None, help="local folder for staged checkpoints (default: "
+                                                       "$TMPDIR/cantus-<output name>)")
+    p.add_argument("--wandb", choices=("offline", "online", "off"), default="offline", help="Weights & Biases mode")
+    p.add_argument("--dry-run", action="store_true", help="check config, data and plan on the CPU, then exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def latent_shards(data: manifest.Manifest) -> list[ShardRef]:
+    return [ShardRef(o["url"], o["samples"]) for o in data.outputs]
+
+
+def read_data(url: str) -> tuple[manifest.Manifest, bool]:
+    """The latent manifest, or a stand-in for an SAT `pre_encoded` dataset config; the flag says whether the
+    data carries a pretransform identity (SAT's pre-encoded folders do not)."""
+    if not (url.endswith(".json") and not url.endswith("manifest.json")):
+        return manifest.read_manifest(url, stage="pre_encode"), True
+    from pipeline.config import load_dataset_config
+    from pipeline.data.latents import count_npy
+
+    sat = load_dataset_config(url)
+    if sat.dataset_type != "pre_encoded":
+        raise ValueError(f"--data {url}: SAT dataset_type {sat.dataset_type!r} holds audio; shard and pre-encode it "
+                         f"(python -m pipeline.shard, python -m pipeline.pre_encode) and pass the latent manifest")
+    entries = tuple(manifest.entry("pre_encode", url=d.path, samples=count_npy(d.path), bytes=0, sha256="", seconds=0)
+                    for d in sat.datasets)
+    return manifest.Manifest(stage="pre_encode", args={}, input={"url": url, "sha256": ""}, outputs=entries), False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    denv = env.detect(local_rank_arg=args.local_rank)
+    env.init_logging(denv.rank)
+    cfg = load_model_config(args.model_config)
+    ds_config, layout = ds_setup.resolve_batch(ds_setup.read_ds_config(args.ds_config), args.ds_config,
+                                               micro_batch=args.batch_size, world_size=denv.world_size,
+                                               model_config_path=args.model_config)
+    ds_setup.check_optimizer_source(ds_config, args.ds_config, model_config_path=args.model_config,
+                                    model_has_optimizer=cfg.training.optimizer_configs is not None)
+    if cfg.model_type == "autoencoder":
+        from pipeline.train_autoencoder import train_autoencoder
+        return train_autoencoder(args, cfg, ds_config, layout, denv)
+    return train_diffusion(args, cfg, ds_config, layout, denv)
+
+
+def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
+    data, has_identity = read_data(args.data)
+    scratch = scratch_dir(args)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
+    wrapper, vae_weights = check_pretransform(cfg, data, args, scratch, verify=has_identity)
+    crop_frames = cfg.sample_size // cfg.downsampling_ratio
+    log_plan(cfg, layout, ds_config, data, crop_frames, args.max_steps)
+    if args.dry_run:
+        return 0
+
+    env.init_process_group(denv)
+    device = env.device_for(denv)
+    torch.manual_seed(args.seed * denv.world_size + denv.rank)  # dropout, CFG dropout: per rank
+    generator = torch.Generator().manual_seed(args.seed * denv.world_size + denv.rank)  # noise, t: per rank
+    pretransform = wrapper.pretransform
+    wrapper.pretransform = None  # frozen and unused by the step: kept out of the engine (and its ZeRO partitions)
+    load_pretrained(wrapper, args.pretrained_ckpt, args.allow_partial)
+    optimizer, scheduler = create_optimizer_and_scheduler(
+        cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in wrapper.parameters() if p.requires_grad])
+    engine = ds_setup.build_engine(wrapper, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
+    module = engine.module
+    ema = None
+    if cfg.training.use_ema:  # SAT averages the backbone only (`diffusion.model`), not the conditioners
+        c = cfg.training.cantus
+        ema = ShardedEMA([(n, p) for n, p in module.named_parameters() if n.startswith("model.") and p.requires_grad],
+                         rank=denv.rank, world_size=denv.world_size, beta=c.ema_beta, power=c.ema_power,
+                         update_every=c.ema_interval)
+
+    d = cfg.model.diffusion
+    objective = create_objective(d.diffusion_objective)
+    loss_fn = DiffusionLoss.from_config(cfg.training.loss_configs, cfg.training.mask_padding,
+                                        cfg.training.mask_padding_dropout)
+    timesteps = create_timestep_sampler(cfg.training.timestep_sampler, cfg.training.timestep_sampler_options)
+    shift = create_distribution_shift(d.distribution_shift_options)
+    spec = CropSpec(frames=crop_frames, samples_per_frame=cfg.downsampling_ratio, sample_rate=cfg.sample_rate,
+                    scale=cfg.model.pretransform.scale if cfg.model.pretransform else 1.0)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    os.makedirs(scratch, exist_ok=True)
+    dataset = ShardDataset(latent_shards(data), spec, seed=data_seed, cache_dir=os.path.join(scratch, "shards"))
+    loader = LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=layout.micro_batch,
+                          seed=data_seed, num_workers=args.num_workers)
+
+    val_dataset = None
+    if args.val_data is not None:
+        val = manifest.read_manifest(args.val_data, stage="pre_encode")
+        if val.properties != data.properties:
+            raise ValueError(f"--val-data {args.val_data} and --data {args.data} differ in properties (pretransform "
+                             f"identity, channels, ...): pre-encode both with the same VAE")
+        val_dataset = ShardDataset(latent_shards(val), dataclasses.replace(spec, random_crop=False), seed=data_seed,
+                                   cache_dir=os.path.join(scratch, "shards"))
+    outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
+    header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+              "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
+    ledger = outputs.read_ledger()
+    step = 0
+    if ledger is not None and ledger.checkpoints:
+        entry = ledger.at_step()
+        outputs.fetch(entry)
+        resumed, _ = checkpoint.load(engine, local_root=outputs.local_root, tag=entry.tag, rank=denv.rank,
+                                     world_size=denv.world_size, config_sha256=cfg.sha256,
+                                     generators={"main": generator}, ema=ema)
+        step = resumed.step
+        loader.load_state_dict(resumed.client["data"])
+        timesteps.load_state_dict(resumed.client["timesteps"])
+        logger.info("resumed from %s at step %d", entry.checkpoint_url, step)
+    if denv.rank == 0:
+        outputs.write_config(cfg.raw, cfg.sha256, {"ds_config": ds_config, "args": header["args"]})
+        outputs.restart_metrics(step)
+    wandb_run = start_wandb(args, cfg, denv, scratch)
+    export_tensors = export_tensors_fn(module, pretransform, vae_weights, ema is not None)
+    stop = StopFlag()
+    model_dtype = ds_setup.precision(ds_config)
+    stopped = False
+
+    def save(at_step: int) -> None:
+        save_and_publish(outputs, engine, step=at_step, client={"data": loader.state_dict(),
+                         "timesteps": timesteps.state_dict()}, config_sha256=cfg.sha256,
+                         generators={"main": generator}, ema=ema, export_tensors=export_tensors,
+                         model_config=cfg.raw, ledger_header=header, keep_last=args.keep_last)
+        if denv.rank == 0:
+            outputs.sync_metrics()
+
+    def model_fn_for(batch: Batch, cfg_dropout_prob: float, mask: torch.Tensor | None):
+        """The network with this batch's conditioning closed over: `model_fn(x_t, t)` as the objective calls it."""
+        cond = module.conditioner(batch.metadata, device) if module.conditioner is not None else None
+        extra = {"cfg_dropout_prob": cfg_dropout_prob} if cond is not None else {}
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=model_dtype, enabled=model_dtype != torch.float32):
+                return engine(x_t.to(model_dtype), t, cond, mask=mask, **extra).float()
+        return model_fn
+
+    try:
+        batches = iter(loader)
+        window = {"loss": 0.0, "n": 0, "data_wait": 0.0, "start": time.perf_counter()}
+        while step < args.max_steps:
+            # batch
+            t0 = time.perf_counter()
+            batch: Batch = next(batches).to(device)
+            window["data_wait"] += time.perf_counter() - t0
+            x = batch.latents
+            # loss
+            t = timesteps(x.shape[0], generator=generator)
+            if shift is not None:
+                t = shift(t, x.shape[-1])
+            noise = torch.randn(x.shape, generator=generator).to(device)
+            t = t.to(device)
+            mask = loss_fn.padding_mask_for_step(batch.padding_mask, generator)
+            model_fn = model_fn_for(batch, cfg.training.cfg_dropout_prob, mask)
+            out = objective.loss(model_fn, x, t, noise, loss_fn=loss_fn, padding_mask=mask)
+            # backward, step
+            boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
+            engine.backward(out.loss)
+            engine.step()
+            window["loss"] += float(out.loss.detach())
+            if not boundary:
+                continue
+            step = engine.global_steps
+            # EMA
+            if ema is not None:
+                ema.update()
+            window["n"] += 1
+            stopped = stop.should_stop(device)
+            # periodic work
+            if step % args.log_every == 0 or stopped or step == args.max_steps:
+                elapsed = time.perf_counter() - window["start"]
+                micro = window["n"] * layout.accumulation
+                record = {"step": step, "loss": mean_over_ranks(window["loss"] / micro, device),
+                          "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                          "samples_per_s": layout.global_batch * window["n"] / elapsed,
+                          "data_wait": window["data_wait"] / elapsed, "epoch": loader.epoch}
+                if denv.rank == 0:
+                    outputs.log_metrics(record)
+                    logger.info("step %d | loss %.4f | grad_norm %.3g | lr %.2e | %.1f samples/s | data_wait %.0f%%",
+                                step, record["loss"], record["grad_norm"], record["lr"], record["samples_per_s"],
+                                100 * record["data_wait"])
+                    if wandb_run is not None:
+                        wandb_run.log(record, step=step)
+                window = {"loss": 0.0, "n": 0, "data_wait": 0.0, "start": time.perf_counter()}
+            if val_dataset is not None and args.val_every and step % args.val_every == 0:
+                val_loader = LatentLoader(val_dataset, rank=denv.rank, world_size=denv.world_size,
+                                          batch_size=layout.micro_batch, seed=data_seed, num_workers=0)
+                record = {"step": step, **validation_losses(val_loader, lambda b: model_fn_for(b, 0.0, None), objective,
+                                                            loss_fn, device=device, seed=data_seed)}
+                if denv.rank == 0:
+                    outputs.log_metrics(record)
+                    logger.info("step %d | val_loss %.4f", step, record["val_loss"])
+            if step % args.checkpoint_every == 0 or stopped or step == args.max_steps:
+                save(step)
+            if stopped:
+                logger.warning("stop signal %s: saved step %d of %d, exiting with %d", stop.received, step,
+                               args.max_steps, EXIT_STOPPED)
+                break
+    finally:
+        stop.restore()
+        if wandb_run is not None:
+            wandb_run.finish()
+    logger.info("done: ledger %s", outputs.ledger)
+    if dist.is_initialized():
+        dist.barrier()
+    return EXIT_STOPPED if stopped and step < args.max_steps else 0
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

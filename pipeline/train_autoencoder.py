@@ -1,0 +1,218 @@
+"""Stage 3 for `model_type: autoencoder` (called by `pipeline/train.py`): audio shards -> a VAE.
+
+The generator (the autoencoder) is the DeepSpeed engine: ZeRO, clipping, its optimizer and scheduler from
+`training.optimizer_configs.autoencoder`. The discriminator is small and stays replicated: a plain torch
+optimizer from `optimizer_configs.discriminator`, its gradients averaged over ranks by one all-reduce per
+step, its weights and optimizer state saved in every rank's checkpoint file. Both step every batch (the two
+losses share no graph); the adversarial terms join after `training.warmup_steps`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from pipeline import manifest
+from pipeline.config import ModelConfig
+from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef
+from pipeline.diffusion.optim import create_optimizer_and_scheduler
+from pipeline.distributed import checkpoint, env
+from pipeline.distributed import engine as ds_setup
+from pipeline.distributed.ema import ShardedEMA
+from pipeline.distributed.ledger import RunOutputs, save_and_publish
+from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
+from pipeline.models.autoencoder_losses import autoencoder_step_losses, create_autoencoder_losses
+from pipeline.models.factory import create_model_from_config
+from pipeline.train_setup import mean_over_ranks, scratch_dir, start_wandb
+
+logger = logging.getLogger("pipeline.train")
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _optimizer_tensors(prefix: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The discriminator's weights and optimizer state as flat named tensors (safetensors holds no nesting)."""
+    out = {f"{prefix}.param.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}.opt.{index}.{key}"] = torch.as_tensor(value).detach().cpu()
+    return out
+
+
+def _load_optimizer_tensors(prefix: str, tensors: dict[str, torch.Tensor], module: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    module.load_state_dict({k.removeprefix(f"{prefix}.param."): v for k, v in tensors.items()
+                            if k.startswith(f"{prefix}.param.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith(f"{prefix}.opt."):
+            index, key = k.removeprefix(f"{prefix}.opt.").split(".", 1)
+            state.setdefault(int(index), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
+    data = manifest.read_manifest(args.data, stage="shard")
+    channels = data.properties.get("channels")
+    if channels != cfg.audio_channels or data.properties.get("sample_rate") != cfg.sample_rate:
+        raise ValueError(f"{args.data}: {channels} channel(s) at {data.properties.get('sample_rate')} Hz, but "
+                         f"{args.model_config} has audio_channels={cfg.audio_channels}, sample_rate={cfg.sample_rate}")
+    samples = sum(o["samples"] for o in data.outputs)
+    logger.info("plan: autoencoder | global batch %d = micro %d x accumulation %d x world %d | %d audio samples "
+                "(%.3g s) per example | %d examples, %d steps per epoch, %d steps planned", layout.global_batch,
+                layout.micro_batch, layout.accumulation, layout.world_size, cfg.sample_size,
+                cfg.sample_size / cfg.sample_rate, samples, samples // layout.global_batch, args.max_steps)
+    if args.dry_run:
+        return 0
+    if layout.accumulation != 1:
+        raise ValueError(f"{args.ds_config}: gradient_accumulation_steps must be 1 for autoencoders (the "
+                         f"discriminator steps every batch)")
+
+    env.init_process_group(denv)
+    device = env.device_for(denv)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    autoencoder = create_model_from_config(cfg)
+    losses = create_autoencoder_losses(cfg.training.loss_configs, cfg.sample_rate, cfg.audio_channels).to(device)
+    torch.manual_seed(args.seed * denv.world_size + denv.rank)
+    generator = torch.Generator(device).manual_seed(args.seed * denv.world_size + denv.rank)
+    opt_configs = cfg.training.optimizer_configs
+    optimizer, scheduler = create_optimizer_and_scheduler(
+        opt_configs, cfg.training.learning_rate, [p for p in autoencoder.parameters() if p.requires_grad],
+        group="autoencoder")
+    engine = ds_setup.build_engine(autoencoder, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
+    disc = losses.discriminator
+    disc_opt = disc_sched = None
+    if disc is not None:
+        disc_opt, disc_sched = create_optimizer_and_scheduler(opt_configs, cfg.training.learning_rate,
+                                                              list(disc.parameters()), group="discriminator")
+    module = engine.module
+    ema = None
+    if cfg.training.use_ema:
+        c = cfg.training.cantus
+        ema = ShardedEMA([(n, p) for n, p in module.named_parameters() if p.requires_grad], rank=denv.rank,
+                         world_size=denv.world_size, beta=c.ema_beta, power=c.ema_power, update_every=c.ema_interval)
+
+    scratch = scratch_dir(args)
+    os.makedirs(scratch, exist_ok=True)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    spec = CropSpec(frames=cfg.sample_size, samples_per_frame=1, sample_rate=cfg.sample_rate)
+    dataset = ShardDataset([ShardRef(o["url"], o["samples"]) for o in data.outputs], spec, seed=data_seed,
+                           cache_dir=os.path.join(scratch, "shards"))
+    loader = LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=layout.micro_batch,
+                          seed=data_seed, num_workers=args.num_workers)
+    outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
+    header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+              "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
+    step = 0
+    ledger = outputs.read_ledger()
+    if ledger is not None and ledger.checkpoints:
+        entry = ledger.at_step()
+        outputs.fetch(entry)
+        resumed, extra = checkpoint.load(engine, local_root=outputs.local_root, tag=entry.tag, rank=denv.rank,
+                                         world_size=denv.world_size, config_sha256=cfg.sha256,
+                                         generators={"main": generator}, ema=ema)
+        step = resumed.step
+        loader.load_state_dict(resumed.client["data"])
+        if disc is not None:
+            _load_optimizer_tensors("disc", extra, disc, disc_opt, resumed.client["disc_param_groups"])
+            if disc_sched is not None:
+                disc_sched.load_state_dict(resumed.client["disc_scheduler"])
+        logger.info("resumed from %s at step %d", entry.checkpoint_url, step)
+    if denv.rank == 0:
+        outputs.write_config(cfg.raw, cfg.sha256, {"ds_config": ds_config, "args": header["args"]})
+        outputs.restart_metrics(step)
+    wandb_run = start_wandb(args, cfg, denv, scratch)
+    stop = StopFlag()
+    stopped = False
+
+    def export_tensors(ema_tensors: dict | None) -> dict | None:
+        tensors = checkpoint.full_fp32_state_dict(module)  # collective
+        return {**tensors, **(ema_tensors or {})} if denv.rank == 0 else None
+
+    def save(at_step: int) -> None:
+        client = {"data": loader.state_dict()}
+        extra = {}
+        if disc is not None:
+            extra = _optimizer_tensors("disc", disc, disc_opt)
+            client["disc_param_groups"] = disc_opt.state_dict()["param_groups"]
+            client["disc_scheduler"] = disc_sched.state_dict() if disc_sched is not None else None
+        save_and_publish(outputs, engine, step=at_step, client=client, config_sha256=cfg.sha256,
+                         generators={"main": generator}, ema=ema, export_tensors=export_tensors,
+                         model_config=cfg.raw, ledger_header=header, keep_last=args.keep_last, extra=extra)
+        if denv.rank == 0:
+            outputs.sync_metrics()
+
+    try:
+        batches = iter(loader)
+        window = {"n": 0, "loss": 0.0, "data_wait": 0.0, "start": time.perf_counter(), "terms": {}}
+        while step < args.max_steps:
+            # batch
+            t0 = time.perf_counter()
+            reals = next(batches).to(device).latents  # (B, C, T) audio
+            window["data_wait"] += time.perf_counter() - t0
+            # losses
+            out = autoencoder_step_losses(module, losses, reals, warmed_up=step >= cfg.training.warmup_steps,
+                                          generator=generator)
+            # generator: backward, step
+            engine.backward(out.generator)
+            engine.step()
+            # discriminator: backward, average over ranks, step
+            if out.discriminator is not None:
+                disc_opt.zero_grad(set_to_none=True)
+                out.discriminator.backward()
+                _average_gradients(disc)
+                disc_opt.step()
+                if disc_sched is not None:
+                    disc_sched.step()
+            step = engine.global_steps
+            # EMA
+            if ema is not None:
+                ema.update()
+            window["n"] += 1
+            window["loss"] += float(out.generator.detach())
+            for k, v in out.terms.items():
+                window["terms"][k] = window["terms"].get(k, 0.0) + v
+            stopped = stop.should_stop(device)
+            # periodic work
+            if step % args.log_every == 0 or stopped or step == args.max_steps:
+                elapsed = time.perf_counter() - window["start"]
+                record = {"step": step, "loss": mean_over_ranks(window["loss"] / window["n"], device),
+                          **{k: mean_over_ranks(v / window["n"], device) for k, v in sorted(window["terms"].items())},
+                          "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
+                          "samples_per_s": layout.global_batch * window["n"] / elapsed,
+                          "data_wait": window["data_wait"] / elapsed, "epoch": loader.epoch}
+                if denv.rank == 0:
+                    outputs.log_metrics(record)
+                    logger.info("step %d | loss %.4f | %s | lr %.2e | %.1f samples/s", step, record["loss"],
+                                " ".join(f"{k} {record[k]:.4g}" for k in sorted(window["terms"])), record["lr"],
+                                record["samples_per_s"])
+                    if wandb_run is not None:
+                        wandb_run.log(record, step=step)
+                window = {"n": 0, "loss": 0.0, "data_wait": 0.0, "start": time.perf_counter(), "terms": {}}
+            if step % args.checkpoint_every == 0 or stopped or step == args.max_steps:
+                save(step)
+            if stopped:
+                logger.warning("stop signal %s: saved step %d of %d, exiting with %d", stop.received, step,
+                               args.max_steps, EXIT_STOPPED)
+                break
+    finally:
+        stop.restore()
+        if wandb_run is not None:
+            wandb_run.finish()
+    if dist.is_initialized():
+        dist.barrier()
+    return EXIT_STOPPED if stopped and step < args.max_steps else 0

@@ -1,0 +1,173 @@
+"""Set-up pieces of the train stage that are not the loop: the pretransform identity check, partial loads,
+the export's tensor set, the plan printed at start, W&B. `pipeline/train.py` reads top to bottom with these."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline import manifest, storage
+from pipeline.config import ModelConfig
+from pipeline.distributed.checkpoint import full_fp32_state_dict
+from pipeline.distributed.engine import BatchLayout, zero_stage
+from pipeline.models.factory import create_model_from_config
+from pipeline.models.weights import (PRETRANSFORM_PREFIX, architecture_sha256, autoencoder_state_dict,
+                                     load_state_dict, weights_sha256)
+
+logger = logging.getLogger(__name__)
+
+
+def scratch_dir(args) -> str:
+    """`--scratch-dir`, or a folder named after the output under $TMPDIR (local disk: staged checkpoints, shards)."""
+    name = "cantus-" + os.path.basename(args.output.rstrip("/"))
+    return args.scratch_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), name)
+
+
+def local_copy(url: str, scratch: str) -> str:
+    """A local path for a weights URL (S3 objects are downloaded once into `scratch`)."""
+    if not storage.is_s3(url):
+        return url
+    path = os.path.join(scratch, "weights", url.removeprefix("s3://").replace("/", "__"))
+    if not os.path.exists(path):
+        storage.download(url, path)
+    return path
+
+
+def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch: str, verify: bool = True
+                       ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    """Build the model and load its VAE from `--pretransform-ckpt` or the manifest's `weights_url`; refuse
+    latents whose pretransform identity (architecture_sha256, weights_sha256, scale) differs. Returns the
+    model and the VAE tensors as `pretransform.model.*`, unchanged from the file (for the export)."""
+    props = data.properties
+    wrapper = create_model_from_config(cfg)
+    pre = cfg.model.pretransform
+    if pre is None:
+        return wrapper, None
+    mine = {"architecture_sha256": architecture_sha256(pre.config), "scale": pre.scale}
+    source = args.pretransform_ckpt or props.get("weights_url")
+    if not source:
+        raise ValueError(f"no VAE weights: {args.data} has no properties.weights_url and --pretransform-ckpt is not set")
+    weights = autoencoder_state_dict(load_state_dict(local_copy(source, scratch)), source)
+    mine["weights_sha256"] = weights_sha256(weights)
+    if not verify:
+        logger.warning("%s carries no pretransform identity (an SAT pre_encoded dataset): it cannot be checked that "
+                       "it was encoded by %s", args.data, source)
+    differ = [k for k in ("architecture_sha256", "weights_sha256", "scale") if verify and props.get(k) != mine[k]]
+    if differ:
+        detail = "; ".join(f"{k}: latents {str(props.get(k))[:16]} vs model {str(mine[k])[:16]}" for k in differ)
+        raise ValueError(
+            f"{args.data} was encoded by another pretransform than this model's ({detail}; model from "
+            f"{args.model_config} model.pretransform and weights {source}). Train on latents pre-encoded with this "
+            f"VAE, or give the --model-config/--pretransform-ckpt of the VAE that encoded them")
+    if props.get("latent_channels") not in (None, cfg.model.io_channels):
+        raise ValueError(f"{args.data}: latent_channels={props['latent_channels']} but {args.model_config} has "
+                         f"model.io_channels={cfg.model.io_channels}")
+    wrapper.pretransform.model.load_state_dict(weights, strict=True)
+    wrapper.pretransform.requires_grad_(False).eval()
+    return wrapper, {PRETRANSFORM_PREFIX + k: v for k, v in weights.items()}
+
+
+def load_pretrained(wrapper: torch.nn.Module, path: str | None, allow_partial: bool) -> None:
+    """`--pretrained-ckpt`: an unwrapped SAT checkpoint's `model.*`/`conditioner.*` tensors (the VAE comes from
+    the pretransform check). Strict unless `--allow-partial`, which loads what matches in name and shape."""
+    if path is None:
+        return
+    state = {k: v for k, v in load_state_dict(path).items() if not k.startswith("pretransform.")}
+    own = {k: v for k, v in wrapper.state_dict().items() if not k.startswith("pretransform.")}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(usable))
+    unused = sorted(set(state) - set(usable))
+    if (missing or unused) and not allow_partial:
+        raise ValueError(f"--pretrained-ckpt {path}: {len(missing)} model tensors missing or of another shape "
+                         f"(e.g. {missing[:3]}), {len(unused)} checkpoint tensors unused (e.g. {unused[:3]}); "
+                         f"pass --allow-partial to load the {len(usable)} that match")
+    wrapper.load_state_dict(usable, strict=False)
+    logger.info("--pretrained-ckpt %s: loaded %d tensors, %d left at init, %d unused", path, len(usable),
+                len(missing), len(unused))
+
+
+def export_tensors_fn(module: torch.nn.Module, pretransform: torch.nn.Module | None,
+                      vae_weights: dict[str, torch.Tensor] | None, use_ema: bool
+                      ) -> Callable[[dict | None], dict | None]:
+    """The export's tensors in SAT's unwrapped layout: the engine module's fp32 weights (`model.*`,
+    `conditioner.*`), the EMA's `model.*` over them when `use_ema`, and `pretransform.*` (the VAE file's own
+    tensors). Collective (gathers ZeRO partitions); the dict is returned on rank 0 only."""
+
+    def export(ema_tensors: dict | None) -> dict | None:
+        tensors = full_fp32_state_dict(module)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        if use_ema:
+            unknown = sorted(set(ema_tensors) - set(tensors))
+            if unknown:
+                raise ValueError(f"EMA tensors {unknown[:3]} are not parameters of the model")
+            tensors.update(ema_tensors)
+        if pretransform is not None:
+            tensors.update({f"pretransform.{k}": v for k, v in pretransform.state_dict().items()})
+            tensors.update(vae_weights or {})
+        return tensors
+
+    return export
+
+
+def log_plan(cfg: ModelConfig, layout: BatchLayout, ds_config: dict, data: manifest.Manifest, frames: int,
+             max_steps: int) -> None:
+    samples = sum(o["samples"] for o in data.outputs)
+    per_epoch = samples // layout.global_batch
+    seconds = cfg.sample_size / cfg.sample_rate
+    logger.info("plan: %s, ZeRO stage %d, %s | global batch %d = micro %d x accumulation %d x world %d | "
+                "%.3g s of audio per sample (%d latent frames), %.3g s per step | %d samples, %d steps per "
+                "epoch, %d steps planned (%.2f epochs)", cfg.model_type, zero_stage(ds_config),
+                "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", layout.global_batch,
+                layout.micro_batch, layout.accumulation, layout.world_size, seconds, frames,
+                seconds * layout.global_batch, samples, per_epoch, max_steps, max_steps / max(per_epoch, 1))
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def start_wandb(args, cfg: ModelConfig, denv, scratch: str):
+    """A W&B run on rank 0 (offline by default: no network needed; `wandb sync` later), or None."""
+    if args.wandb == "off" or denv.rank != 0:
+        return None
+    import wandb
+
+    os.makedirs(scratch, exist_ok=True)
+    return wandb.init(mode=args.wandb, dir=scratch, project="cantus", name=os.path.basename(args.output.rstrip("/")),
+                      config={"model_config": cfg.raw, "model_config_sha256": cfg.sha256,
+                              "args": {k: v for k, v in vars(args).items() if k != "local_rank"}})
+
+
+VALIDATION_T = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""SAT's validation timesteps: the loss at fixed noise levels is comparable between steps and runs."""
+
+
+@torch.no_grad()
+def validation_losses(loader, model_fn_for, objective, loss_fn, *, device: torch.device, seed: int) -> dict[str, float]:
+    """Collective: one pass over the validation set (`loader` a fresh `LatentLoader`, the same number of batches
+    on every rank), the loss at each of VALIDATION_T with noise from its own seeded generator. `model_fn_for(batch)`
+    returns the model function for a batch (conditioning closed over, no CFG dropout)."""
+    generator = torch.Generator().manual_seed(seed)
+    sums = torch.zeros(len(VALIDATION_T), dtype=torch.float64)
+    batches = iter(loader)
+    for _ in range(loader.batches_per_epoch):
+        batch = next(batches).to(device)
+        x = batch.latents
+        model_fn = model_fn_for(batch)
+        for i, value in enumerate(VALIDATION_T):
+            noise = torch.randn(x.shape, generator=generator).to(device)
+            t = torch.full((x.shape[0],), value, device=device)
+            sums[i] += float(objective.loss(model_fn, x, t, noise, loss_fn=loss_fn).loss)
+    sums = sums.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    means = (sums.cpu() / (loader.batches_per_epoch * (dist.get_world_size() if dist.is_initialized() else 1))).tolist()
+    return {"val_loss": sum(means) / len(means), **{f"val_loss_t{t:.1f}": m for t, m in zip(VALIDATION_T, means)}}

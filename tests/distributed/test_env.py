@@ -1,0 +1,54 @@
+import shutil
+import subprocess
+
+import pytest
+
+from pipeline.distributed.env import DistEnv, detect, export
+
+
+def test_torchrun_variables_give_rank_world_and_master():
+    e = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234"})
+    assert e == DistEnv(rank=3, local_rank=1, world_size=4, master_addr="10.0.0.2", master_port=1234, launcher="torchrun",
+                        local_world_size=1)
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted_and_must_agree():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert detect(env, local_rank_arg=1).local_rank == 1
+    with pytest.raises(ValueError, match="--local_rank=0 disagrees with LOCAL_RANK=1"):
+        detect({**env, "LOCAL_RANK": "1"}, local_rank_arg=0)
+
+
+def test_slurm_variables_are_read_when_no_torchrun_variable_is_set():
+    e = detect({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "12345",
+                "MASTER_ADDR": "node01"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 8, 1, "node01", "slurm")
+    assert e.master_port == 20000 + 12345 % 20000  # one port per job
+
+
+def _scontrol_works() -> bool:
+    return shutil.which("scontrol") is not None and subprocess.run(
+        ["scontrol", "show", "hostnames", "localhost"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _scontrol_works(), reason="needs a configured SLURM (scontrol)")
+def test_slurm_master_is_the_first_host_of_the_node_list():
+    e = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert e.master_addr == "gpu07"
+
+
+def test_no_launcher_is_one_process_and_bad_values_are_named():
+    e = detect({})
+    assert (e.rank, e.world_size, e.launcher) == (0, 1, "none")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' must be an integer"):
+        detect({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match=r"rank=2 must lie in \[0, world_size=2\)"):
+        detect({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_export_writes_what_deepspeed_reads():
+    env = {}
+    export(detect({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "MASTER_ADDR": "h",
+                   "MASTER_PORT": "999", "SLURM_NTASKS_PER_NODE": "2"}), env)
+    assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "h",
+                   "MASTER_PORT": "999"}

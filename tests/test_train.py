@@ -1,0 +1,217 @@
+"""The train stage on 2 CPU ranks (gloo): ZeRO stages agree, resume is exact, a signal stops every rank.
+
+DeepSpeed launches are expensive (~20 s each here), so module fixtures run each configuration once and the
+tests compare their outputs.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import manifest, storage
+from pipeline.train import main
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+import trainkit  # noqa: E402
+
+REPO = trainkit.REPO
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ident = trainkit.write_vae(str(root / "vae.safetensors"))
+    data = trainkit.write_latent_shards(str(root / "latents"), shards=1, per_shard=18, frames=24,
+                                        valid_frames=20, properties=ident)
+    config = trainkit.write_json(str(root / "model.json"), trainkit.tiny_dit_config())
+    return {"root": root, "data": data, "config": config, "vae": str(root / "vae.safetensors")}
+
+
+def _argv(setup, out, zero, max_steps, *extra):
+    return ["--ds_config", os.path.join(REPO, "ds_configs", f"zero{zero}_cpu.json"), "--model-config", setup["config"],
+            "--data", setup["data"], "--output", out, "--max-steps", str(max_steps), "--batch-size", "2",
+            "--num-workers", "1", "--log-every", "1", "--wandb", "off", *extra]
+
+
+def _run(setup, name, zero, max_steps, *extra, style="torchrun", out=None):
+    out = out or str(setup["root"] / name)
+    logs = str(setup["root"] / f"logs-{name}-{max_steps}")
+    procs = trainkit.launch(_argv(setup, out, zero, max_steps, "--scratch-dir", str(setup["root"] / f"scratch-{name}"),
+                                  *extra), style=style, log_dir=logs)
+    codes = trainkit.wait_all(procs, logs)
+    assert codes == [0, 0], trainkit.log_tail(logs, 0) + trainkit.log_tail(logs, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero0(setup):
+    return _run(setup, "zero0", 0, 10, "--checkpoint-every", "10")
+
+
+@pytest.fixture(scope="module")
+def zero2(setup):
+    """20 uninterrupted steps, started the SLURM way (SLURM_PROCID/NTASKS/LOCALID)."""
+    return _run(setup, "zero2", 2, 20, "--checkpoint-every", "5", "--keep-last", "2", style="slurm")
+
+
+@pytest.fixture(scope="module")
+def zero3(setup):
+    """10 steps, then a second launch that resumes to 20."""
+    out = _run(setup, "zero3", 3, 10, "--checkpoint-every", "10")
+    first = trainkit.losses(out)
+    _run(setup, "zero3", 3, 20, "--checkpoint-every", "10")
+    return out, first
+
+
+@pytest.mark.distributed
+def test_zero_0_2_3_give_the_same_losses_for_10_steps(zero0, zero2, zero3):
+    a, b, c = trainkit.losses(zero0), trainkit.losses(zero2), zero3[1]
+    assert sorted(a) == list(range(1, 11))
+    for step in range(1, 11):
+        assert b[step] == pytest.approx(a[step], abs=1e-5) and c[step] == pytest.approx(a[step], abs=1e-5)
+    assert a[1] != a[10]  # it trains
+
+
+@pytest.mark.distributed
+def test_zero3_resume_continues_within_1e_5(zero2, zero3):
+    b, c = trainkit.losses(zero2), trainkit.losses(zero3[0])
+    assert sorted(c) == list(range(1, 21))
+    for step in range(11, 21):
+        assert c[step] == pytest.approx(b[step], abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_ema_exports_agree_across_zero_stages_and_load_into_the_sat_layout(setup, zero0, zero2, zero3):
+    from pipeline.config import load_model_config
+    from pipeline.models.factory import create_model_from_config
+
+    cfg = load_model_config(setup["config"])
+    led = {name: manifest.read_ledger(os.path.join(out, "checkpoints", "manifest.json"))
+           for name, out in (("z0", zero0), ("z2", zero2), ("z3", zero3[0]))}
+    z0 = load_file(led["z0"].at_step(10).export_url)
+    z3_10 = load_file(led["z3"].at_step(10).export_url)
+    z2_20, z3_20 = load_file(led["z2"].at_step(20).export_url), load_file(led["z3"].at_step(20).export_url)
+    model = create_model_from_config(cfg)
+    assert set(z0) == set(model.state_dict())  # SAT's unwrapped layout, pretransform.* and conditioner.* included
+    for name in z0:
+        assert torch.allclose(z0[name], z3_10[name], atol=1e-5), name
+        assert torch.allclose(z2_20[name], z3_20[name], atol=1e-5), name
+    vae = load_file(setup["vae"])
+    assert all(torch.equal(z0["pretransform.model." + k], v) for k, v in vae.items())  # copied unchanged
+    # the EMA is not the raw weights, and it equals the consolidated per-rank shards
+    from pipeline.distributed.ema import consolidate
+    tag = led["z3"].at_step(20).checkpoint_url
+    shards = consolidate([os.path.join(tag, f"ema-rank-{r:05d}.safetensors") for r in range(2)])
+    assert all(torch.equal(z3_20[k], v) for k, v in shards.items()) and len(shards) > 10
+    # loading the export reproduces the EMA model's outputs exactly
+    model.load_state_dict(z3_20, strict=True)
+    x, t = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
+    cond = model.conditioner([{"seconds_start": 1, "seconds_total": 9}] * 2, "cpu")
+    other = create_model_from_config(cfg)
+    other.load_state_dict({**{k: v.clone() for k, v in z3_20.items()}, **{k: v for k, v in shards.items()}})
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, cond), other.eval()(x, t, cond))
+
+
+@pytest.mark.distributed
+def test_keep_last_leaves_the_newest_checkpoints_and_removes_the_rest(zero2):
+    ledger = manifest.read_ledger(os.path.join(zero2, "checkpoints", "manifest.json"))
+    assert [c.step for c in ledger.checkpoints] == [15, 20]
+    assert not os.path.exists(os.path.join(zero2, "checkpoints", "step-000000010"))
+    for c in ledger.checkpoints:
+        assert storage.sha256_url(c.export_url) == c.export_sha256 and c.ema
+    config = json.load(open(os.path.join(zero2, "config.json")))
+    assert config["sha256"] == ledger.properties["model_config_sha256"]
+
+
+@pytest.mark.distributed
+def test_sigusr1_to_one_rank_checkpoints_both_exits_75_and_resumes_exactly(setup, zero2, s3_bucket):
+    """On an S3 output: staged checkpoint files uploaded per rank, fetched back on resume."""
+    out = f"s3://{s3_bucket}/train-signal"
+    logs = str(setup["root"] / "logs-signal")
+    argv = _argv(setup, out, 2, 20, "--checkpoint-every", "100", "--scratch-dir", str(setup["root"] / "scratch-sig"))
+    procs = trainkit.launch(argv, log_dir=logs)
+    metrics = str(setup["root"] / "scratch-sig" / "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), trainkit.log_tail(logs, 0)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGUSR1)
+    codes = trainkit.wait_all(procs, logs)
+    assert codes == [75, 75], trainkit.log_tail(logs, 0) + trainkit.log_tail(logs, 1)
+    ledger = manifest.read_ledger(f"{out}/checkpoints/manifest.json")
+    stopped = ledger.at_step().step
+    assert 3 <= stopped < 20
+    files = json.loads(storage.read_bytes(f"{out}/checkpoints/{ledger.at_step().tag}/files.json"))
+    assert {"rank-00000.safetensors", "rank-00001.safetensors", "ema.safetensors"} <= set(files)
+    procs = trainkit.launch(argv, log_dir=logs + "-resume")
+    assert trainkit.wait_all(procs, logs) == [0, 0], trainkit.log_tail(logs + "-resume", 0)
+    got = {r["step"]: r["loss"] for r in map(json.loads, storage.read_bytes(f"{out}/metrics.jsonl").decode().splitlines())}
+    ref = trainkit.losses(zero2)
+    assert sorted(got) == list(range(1, 21))
+    assert [got[s] for s in range(stopped + 1, 21)] == [ref[s] for s in range(stopped + 1, 21)]  # ZeRO-2: exact
+    final = load_file_url(manifest.read_ledger(f"{out}/checkpoints/manifest.json").at_step(20).export_url, setup)
+    z2 = load_file(manifest.read_ledger(os.path.join(zero2, "checkpoints", "manifest.json")).at_step(20).export_url)
+    assert all(torch.equal(final[k], z2[k]) for k in z2)
+
+
+def load_file_url(url, setup):
+    path = str(setup["root"] / "download.safetensors")
+    storage.download(url, path)
+    return load_file(path)
+
+
+def test_latents_of_another_pretransform_are_refused(setup, tmp_path):
+    other = trainkit.write_vae(str(tmp_path / "other.safetensors"), seed=1)
+    argv = _argv(setup, str(tmp_path / "out"), 2, 5, "--dry-run")
+    assert main(argv) == 0  # the matching VAE passes
+    with pytest.raises(ValueError, match="another pretransform.*weights_sha256"):
+        main([*argv, "--pretransform-ckpt", other["weights_url"]])
+    scaled = trainkit.write_json(str(tmp_path / "scaled.json"), trainkit.tiny_dit_config(scale=2.0))
+    with pytest.raises(ValueError, match="another pretransform.*scale"):
+        main([*argv, "--model-config", scaled])
+
+
+def test_an_sat_pre_encoded_dataset_config_is_accepted_and_an_audio_one_is_refused(setup, tmp_path):
+    import numpy as np
+    (tmp_path / "pre").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "pre" / f"{i}.npy", np.zeros((4, 20), dtype=np.float32))
+        (tmp_path / "pre" / f"{i}.json").write_text(json.dumps({"seconds_start": 0, "seconds_total": 5}))
+    sat = trainkit.write_json(str(tmp_path / "sat.json"), {"dataset_type": "pre_encoded",
+                                                          "datasets": [{"id": "x", "path": str(tmp_path / "pre")}]})
+    argv = _argv(setup, str(tmp_path / "out"), 2, 5, "--dry-run", "--pretransform-ckpt", setup["vae"])
+    assert main([*argv, "--data", sat]) == 0
+    audio = trainkit.write_json(str(tmp_path / "audio.json"), {"dataset_type": "audio_dir",
+                                                              "datasets": [{"id": "x", "path": str(tmp_path)}]})
+    with pytest.raises(ValueError, match="holds audio; shard and pre-encode it"):
+        main([*argv, "--data", audio])
+
+
+def test_pretrained_checkpoints_load_strictly_unless_allow_partial(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.models.factory import create_model_from_config
+    from pipeline.train_setup import load_pretrained
+    torch.manual_seed(1)
+    source = {k: v.clone() for k, v in create_model_from_config(setup["config"]).state_dict().items()}
+    name = "model.model.to_timestep_embed.0.weight"
+    source[name] = torch.zeros(3, 3)  # another shape
+    del source["model.model.postprocess_conv.weight"]
+    path = str(tmp_path / "pretrained.safetensors")
+    save_file(source, path)
+    torch.manual_seed(2)
+    model = create_model_from_config(setup["config"])
+    with pytest.raises(ValueError, match="2 model tensors missing or of another shape.*--allow-partial"):
+        load_pretrained(model, path, allow_partial=False)
+    before = model.state_dict()[name].clone()
+    load_pretrained(model, path, allow_partial=True)
+    after = model.state_dict()
+    assert torch.equal(after[name], before)  # the mismatched tensor keeps its init
+    key = "model.model.transformer.layers.0.self_attn.to_qkv.weight"
+    assert key in after and torch.equal(after[key], source[key])
