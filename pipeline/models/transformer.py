@@ -51,6 +51,10 @@ class LayerNorm(nn.Module):
         if self.force_fp32:
             out = F.layer_norm(x.float(), x.shape[-1:], self.gamma.float(), self.beta.float(), self.eps)
             return out.to(x.dtype)
+        if x.dtype != self.gamma.dtype:
+            # bf16 activations with fp32 weights: CUDA autocast runs layer_norm in fp32, CPU autocast
+            # does not and fails on the mixed dtypes; do what CUDA does on every device.
+            return F.layer_norm(x.float(), x.shape[-1:], self.gamma.float(), self.beta.float(), self.eps)
         return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta, self.eps)
 
 

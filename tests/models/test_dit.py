@@ -191,3 +191,14 @@ def test_unconditional_dit_from_sats_flat_layout():
     assert model.io_channels == C and model.diffusion_objective == "v"
     assert model(X, TS).shape == (B, C, T)
     assert any(k.startswith("model.model.transformer.layers.0.") for k in model.state_dict())
+
+
+def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32():
+    """CPU autocast does not lift layer_norm to fp32 as CUDA's does; the model must not depend on it."""
+    model = build(dit={"global_cond_type": "adaLN"})
+    cond = conditioning(model)
+    reference = model(X, TS, cond, cfg_scale=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(X, TS, cond, cfg_scale=3.0)
+    assert torch.isfinite(out).all()
+    assert (out.float() - reference).norm() / reference.norm() < 0.05
