@@ -3,7 +3,7 @@
 # real-music dataset built offline. Idempotent: finished stages are skipped on a second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CANTUS_EXTRAS=test,demo source tools/env.sh
+source tools/env.sh
 bash tools/install_system.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 python tools/demo.py "$@"

