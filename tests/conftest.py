@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 server (started lazily, once per session) and a `store_url` per backend.
+"""Shared fixtures: a real S3 server and a real SLURM (each started lazily, once per session), and a
+`store_url` per backend.
 
 `store_url` is parametrised over ``local`` (a fresh temp directory) and ``s3`` (a fresh prefix in a
 session bucket on SeaweedFS). Only tests that request an S3 fixture start the server. If
@@ -16,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import s3server  # noqa: E402  (tests/ is not a package)
+from slurmcluster import slurm_cluster  # noqa: E402,F401  (a real single-node SLURM, started on first use)
 
 
 @pytest.fixture(scope="session")

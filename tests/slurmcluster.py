@@ -284,9 +284,9 @@ try:  # the session fixture; tests/conftest.py imports it (`from slurmcluster im
 
     @pytest.fixture(scope="session")
     def slurm_cluster(tmp_path_factory):
-        """A running single-node SLURM for the session; skipped where SLURM is not installed."""
+        """A running single-node SLURM for the session (tools/test.sh installs the packages)."""
         if shutil.which("slurmctld") is None or shutil.which("munged") is None:
-            pytest.skip("SLURM is not installed: run tools/install_slurm.sh (as root)")
+            pytest.fail("SLURM is not installed: run tools/install_slurm.sh (as root), as tools/test.sh does")
         cluster = start(str(tmp_path_factory.mktemp("slurm")))
         try:
             yield cluster

@@ -23,7 +23,12 @@ from pipeline import render, storage
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs chromium: bash tools/install_browser.sh")
+
+
+@pytest.fixture(autouse=True)
+def chromium_installed():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("needs chromium: bash tools/install_browser.sh (tools/test.sh runs it)")
 
 CHECK_SCRIPT = """<script>
 window.addEventListener("load", async () => {

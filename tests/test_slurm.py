@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmcluster import Cluster, slurm_cluster  # noqa: F401  (the fixture, also importable from conftest.py)
+from slurmcluster import Cluster
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]

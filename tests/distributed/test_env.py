@@ -1,6 +1,3 @@
-import shutil
-import subprocess
-
 import pytest
 
 from pipeline.distributed.env import DistEnv, detect, export
@@ -26,13 +23,9 @@ def test_slurm_variables_are_read_when_no_torchrun_variable_is_set():
     assert e.master_port == 20000 + 12345 % 20000  # one port per job
 
 
-def _scontrol_works() -> bool:
-    return shutil.which("scontrol") is not None and subprocess.run(
-        ["scontrol", "show", "hostnames", "localhost"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _scontrol_works(), reason="needs a configured SLURM (scontrol)")
-def test_slurm_master_is_the_first_host_of_the_node_list():
+def test_slurm_master_is_the_first_host_of_the_node_list(slurm_cluster, monkeypatch):
+    """The node list is expanded by the real `scontrol show hostnames` (it needs a slurm.conf)."""
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
     e = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]"})
     assert e.master_addr == "gpu07"
 

@@ -157,7 +157,8 @@ def free_port() -> int:
 def launch(argv: list[str], *, world: int = 2, style: str = "torchrun", log_dir: str, env: dict | None = None):
     """Start `world` ranks of `python pipeline/train.py argv` the way a launcher would: `torchrun` variables
     (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) or SLURM's (SLURM_PROCID/NTASKS/LOCALID, MASTER_ADDR given as an
-    srun batch script would). Returns the Popen objects, rank order; each rank logs to log_dir/rank-<r>.log."""
+    srun batch script would), or `none`: one plain process without any launcher variable. Returns the Popen
+    objects, rank order; each rank logs to log_dir/rank-<r>.log."""
     import subprocess
 
     port = free_port()
@@ -167,6 +168,9 @@ def launch(argv: list[str], *, world: int = 2, style: str = "torchrun", log_dir:
         if style == "torchrun":
             extra = {"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world),
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        elif style == "none":
+            assert world == 1, "style none is one plain process"
+            extra = {}
         else:
             extra = {"SLURM_PROCID": str(r), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(r),
                      "SLURM_NTASKS_PER_NODE": str(world), "SLURM_JOB_NODELIST": "localhost",
@@ -174,6 +178,9 @@ def launch(argv: list[str], *, world: int = 2, style: str = "torchrun", log_dir:
         full = train_env(**extra, **(env or {}))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if style != "torchrun" else ():
             full.pop(k, None)
+        if style == "none":
+            for k in [k for k in full if k.startswith(("SLURM_", "MASTER_", "LOCAL_"))]:
+                full.pop(k)
         log = open(os.path.join(log_dir, f"rank-{r}.log"), "w")
         procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pipeline", "train.py"), *argv],
                                       env=full, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
@@ -212,3 +219,13 @@ def tiny_vae_training_config(warmup_steps: int = 2) -> dict:
                                  "weights": {"adversarial": 0.1, "feature_matching": 1.0}},
                              "spectral": {"type": "mrstft", "config": stft, "weights": {"mrstft": 1.0}},
                              "bottleneck": {"type": "kl", "weights": {"kl": 1e-4}}}}}
+
+
+def with_demos(config: dict, *, every: int, steps: int, cond: list[dict], cfg_scales: list[float],
+               seed: int = 0, sampler: str | None = None) -> dict:
+    """`config` with a `training.demo` block and the demo seed/sampler in `training.cantus`."""
+    out = json.loads(json.dumps(config))
+    out["training"]["demo"] = {"demo_every": every, "demo_steps": steps, "num_demos": len(cond),
+                               "demo_cond": cond, "demo_cfg_scales": cfg_scales}
+    out["training"].setdefault("cantus", {}).update({"demo_seed": seed, "demo_sampler": sampler})
+    return out
