@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pipeline import manifest
+from pipeline import manifest, storage
 from pipeline.config import ModelConfig, load_model_config
 from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef
 from pipeline.diffusion.losses import DiffusionLoss
@@ -36,7 +36,8 @@ from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
-from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, log_plan,
+from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
+from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
                                   mean_over_ranks, scratch_dir, start_wandb, validation_losses)
 
 logger = logging.getLogger("pipeline.train")
@@ -115,7 +116,10 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     wrapper, vae_weights = check_pretransform(cfg, data, args, scratch, verify=has_identity)
     crop_frames = cfg.sample_size // cfg.downsampling_ratio
     log_plan(cfg, layout, ds_config, data, crop_frames, args.max_steps)
+    demo_plan = plan_demos(cfg, wrapper.diffusion_objective)
+    pretrained = local_copy(args.pretrained_ckpt, scratch) if args.pretrained_ckpt else None
     if args.dry_run:
+        load_pretrained(wrapper, pretrained, args.allow_partial, load=False)
         return 0
 
     env.init_process_group(denv)
@@ -124,7 +128,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     generator = torch.Generator().manual_seed(args.seed * denv.world_size + denv.rank)  # noise, t: per rank
     pretransform = wrapper.pretransform
     wrapper.pretransform = None  # frozen and unused by the step: kept out of the engine (and its ZeRO partitions)
-    load_pretrained(wrapper, args.pretrained_ckpt, args.allow_partial)
+    load_pretrained(wrapper, pretrained, args.allow_partial,
+                    report_url=storage.join(args.output, "pretrained_load.json") if denv.rank == 0 else None)
     optimizer, scheduler = create_optimizer_and_scheduler(
         cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in wrapper.parameters() if p.requires_grad])
     engine = ds_setup.build_engine(wrapper, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
@@ -132,9 +137,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     ema = None
     if cfg.training.use_ema:  # SAT averages the backbone only (`diffusion.model`), not the conditioners
         c = cfg.training.cantus
-        ema = ShardedEMA([(n, p) for n, p in module.named_parameters() if n.startswith("model.") and p.requires_grad],
-                         rank=denv.rank, world_size=denv.world_size, beta=c.ema_beta, power=c.ema_power,
-                         update_every=c.ema_interval)
+        ema = ShardedEMA(ema_parameters(module), rank=denv.rank, world_size=denv.world_size, beta=c.ema_beta,
+                         power=c.ema_power, update_every=c.ema_interval)
 
     d = cfg.model.diffusion
     objective = create_objective(d.diffusion_objective)
@@ -158,6 +162,9 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                              f"identity, channels, ...): pre-encode both with the same VAE")
         val_dataset = ShardDataset(latent_shards(val), dataclasses.replace(spec, random_crop=False), seed=data_seed,
                                    cache_dir=os.path.join(scratch, "shards"))
+        if len(val_dataset) < layout.micro_batch * denv.world_size:
+            raise ValueError(f"--val-data {args.val_data}: {len(val_dataset)} samples, fewer than one batch per rank "
+                             f"(--batch-size {layout.micro_batch} x world size {denv.world_size})")
     outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
     header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
               "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
@@ -178,8 +185,14 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
         outputs.restart_metrics(step)
     wandb_run = start_wandb(args, cfg, denv, scratch)
     export_tensors = export_tensors_fn(module, pretransform, vae_weights, ema is not None)
-    stop = StopFlag()
     model_dtype = ds_setup.precision(ds_config)
+    demos = None
+    if demo_plan is not None:  # on every rank: each renders its share (ZeRO-3 needs all of them anyway)
+        demos = DemoRenderer(plan=demo_plan, module=module, ema=ema, out=args.output, device=device,
+                             dtype=model_dtype, rank=denv.rank, world_size=denv.world_size, scratch=scratch,
+                             wandb_run=wandb_run,
+                             pretransform=pretransform.to(device) if pretransform is not None else None)
+    stop = StopFlag()
     stopped = False
 
     def save(at_step: int) -> None:
@@ -251,10 +264,12 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                 val_loader = LatentLoader(val_dataset, rank=denv.rank, world_size=denv.world_size,
                                           batch_size=layout.micro_batch, seed=data_seed, num_workers=0)
                 record = {"step": step, **validation_losses(val_loader, lambda b: model_fn_for(b, 0.0, None), objective,
-                                                            loss_fn, device=device, seed=data_seed)}
+                                                            loss_fn, module=module, device=device, seed=data_seed)}
                 if denv.rank == 0:
                     outputs.log_metrics(record)
                     logger.info("step %d | val_loss %.4f", step, record["val_loss"])
+            if demos is not None and step % demos.plan.every == 0:
+                demos.render(step)
             if step % args.checkpoint_every == 0 or stopped or step == args.max_steps:
                 save(step)
             if stopped:

@@ -2,12 +2,14 @@
 the export's tensor set, the plan printed at start, W&B. `pipeline/train.py` reads top to bottom with these."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from pipeline import manifest, storage
 from pipeline.config import ModelConfig
@@ -70,23 +72,54 @@ def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch:
     return wrapper, {PRETRANSFORM_PREFIX + k: v for k, v in weights.items()}
 
 
-def load_pretrained(wrapper: torch.nn.Module, path: str | None, allow_partial: bool) -> None:
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a checkpoint (a .safetensors header only: no tensor is read)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
+
+
+def load_pretrained(wrapper: torch.nn.Module, path: str | None, allow_partial: bool, *, report_url: str | None = None,
+                    load: bool = True) -> dict | None:
     """`--pretrained-ckpt`: an unwrapped SAT checkpoint's `model.*`/`conditioner.*` tensors (the VAE comes from
-    the pretransform check). Strict unless `--allow-partial`, which loads what matches in name and shape."""
+    the pretransform check; `pretransform.*` is ignored here). Strict unless `--allow-partial`, which loads the
+    tensors that match in name and shape and leaves the rest at their initial values. The report (every key
+    missing from the checkpoint, of another shape, or unused) is logged, written as JSON to `report_url` (also
+    when the load is refused) and returned. `load=False` only checks (--dry-run reads no tensor)."""
     if path is None:
-        return
-    state = {k: v for k, v in load_state_dict(path).items() if not k.startswith("pretransform.")}
-    own = {k: v for k, v in wrapper.state_dict().items() if not k.startswith("pretransform.")}
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = sorted(set(own) - set(usable))
-    unused = sorted(set(state) - set(usable))
-    if (missing or unused) and not allow_partial:
-        raise ValueError(f"--pretrained-ckpt {path}: {len(missing)} model tensors missing or of another shape "
-                         f"(e.g. {missing[:3]}), {len(unused)} checkpoint tensors unused (e.g. {unused[:3]}); "
-                         f"pass --allow-partial to load the {len(usable)} that match")
-    wrapper.load_state_dict(usable, strict=False)
-    logger.info("--pretrained-ckpt %s: loaded %d tensors, %d left at init, %d unused", path, len(usable),
-                len(missing), len(unused))
+        return None
+    theirs = {k: v for k, v in _checkpoint_shapes(path).items() if not k.startswith("pretransform.")}
+    own = {k: tuple(v.shape) for k, v in wrapper.state_dict().items() if not k.startswith("pretransform.")}
+    loaded = sorted(k for k in theirs if own.get(k) == theirs[k])
+    report = {"checkpoint": path, "allow_partial": allow_partial, "loaded": len(loaded),
+              "missing": sorted(set(own) - set(theirs)),
+              "shape_mismatch": [{"key": k, "model": list(own[k]), "checkpoint": list(theirs[k])}
+                                 for k in sorted(set(own) & set(theirs)) if own[k] != theirs[k]],
+              "unused": sorted(set(theirs) - set(own))}
+    report["partial"] = bool(report["missing"] or report["shape_mismatch"] or report["unused"])
+    if report_url is not None:
+        storage.write(report_url, (json.dumps(report, indent=1) + "\n").encode())
+    lines = ([f"  missing from the checkpoint: {k}" for k in report["missing"]]
+             + [f"  shape {m['checkpoint']} in the checkpoint, {m['model']} in the model: {m['key']}"
+                for m in report["shape_mismatch"]]
+             + [f"  not in the model (unused): {k}" for k in report["unused"]])
+    where = f" (report {report_url})" if report_url else ""
+    if report["partial"] and not allow_partial:
+        shown = "\n".join(lines[:40]) + (f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else "")
+        raise ValueError(f"--pretrained-ckpt {path} does not match the model: {len(report['missing'])} missing, "
+                         f"{len(report['shape_mismatch'])} of another shape, {len(report['unused'])} unused{where}:\n"
+                         f"{shown}\npass --allow-partial to load the {len(loaded)} tensors that match and keep "
+                         f"the initial values of the rest")
+    for line in lines:
+        logger.warning("--pretrained-ckpt partial load:%s", line)
+    if load:
+        state = {k: v for k, v in load_state_dict(path).items() if k in set(loaded)}
+        wrapper.load_state_dict(state, strict=False)
+    logger.info("--pretrained-ckpt %s: %s %d tensors, %d left at init, %d of another shape, %d unused%s", path,
+                "loaded" if load else "would load", len(loaded), len(report["missing"]),
+                len(report["shape_mismatch"]), len(report["unused"]), where)
+    return report
 
 
 def export_tensors_fn(module: torch.nn.Module, pretransform: torch.nn.Module | None,
@@ -151,21 +184,33 @@ VALIDATION_T = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @torch.no_grad()
-def validation_losses(loader, model_fn_for, objective, loss_fn, *, device: torch.device, seed: int) -> dict[str, float]:
+def validation_losses(loader, model_fn_for, objective, loss_fn, *, module: torch.nn.Module, device: torch.device,
+                      seed: int) -> dict[str, float]:
     """Collective: one pass over the validation set (`loader` a fresh `LatentLoader`, the same number of batches
-    on every rank), the loss at each of VALIDATION_T with noise from its own seeded generator. `model_fn_for(batch)`
-    returns the model function for a batch (conditioning closed over, no CFG dropout)."""
+    on every rank), the loss at each of VALIDATION_T, averaged over ranks. `model_fn_for(batch)` returns the
+    model function for a batch (conditioning closed over, no CFG dropout).
+
+    Repeatable across runs and resumes: the latents come from the loader's seeded per-sample draws, the noise from
+    a generator seeded with `seed` here, the model runs in eval mode, and the global RNG is forked and seeded, so
+    validation neither reads nor moves the training RNG."""
     generator = torch.Generator().manual_seed(seed)
     sums = torch.zeros(len(VALIDATION_T), dtype=torch.float64)
-    batches = iter(loader)
-    for _ in range(loader.batches_per_epoch):
-        batch = next(batches).to(device)
-        x = batch.latents
-        model_fn = model_fn_for(batch)
-        for i, value in enumerate(VALIDATION_T):
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            t = torch.full((x.shape[0],), value, device=device)
-            sums[i] += float(objective.loss(model_fn, x, t, noise, loss_fn=loss_fn).loss)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            batches = iter(loader)
+            for _ in range(loader.batches_per_epoch):
+                batch = next(batches).to(device)
+                x = batch.latents
+                model_fn = model_fn_for(batch)
+                for i, value in enumerate(VALIDATION_T):
+                    noise = torch.randn(x.shape, generator=generator).to(device)
+                    t = torch.full((x.shape[0],), value, device=device)
+                    sums[i] += float(objective.loss(model_fn, x, t, noise, loss_fn=loss_fn).loss)
+    finally:
+        module.train(was_training)
     sums = sums.to(device)
     if dist.is_initialized():
         dist.all_reduce(sums)

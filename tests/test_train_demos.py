@@ -5,18 +5,17 @@ Two DeepSpeed launches (2 ranks, ZeRO-3 with `stage3_param_persistence_threshold
 are partitioned): 4 steps with demos, validation and checkpoints every 2 steps; then a resume from the step-2
 checkpoint (copied into a second output) to step 4. The rest runs in-process without DeepSpeed.
 """
-import html.parser
+import glob
 import json
 import os
 import shutil
 import sys
 
 import pytest
-import soundfile
 import torch
 from safetensors.torch import load_file
 
-from pipeline import manifest, storage
+from pipeline import manifest
 from pipeline.config import ConfigError, load_model_config
 from pipeline.generate import generate
 from pipeline.models.factory import create_model_from_config
@@ -24,6 +23,7 @@ from pipeline.train_demos import DemoRenderer, ema_parameters, ema_weights, plan
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
 import trainkit  # noqa: E402
+from trainkit import demo_audio, page_links  # noqa: E402
 
 REPO = trainkit.REPO
 DEMO_COND = [{"prompt": "slow", "seconds_start": 0, "seconds_total": 10},
@@ -49,8 +49,8 @@ def setup(tmp_path_factory):
     return {"root": root, "data": data, "val": val, "config": config}
 
 
-def _launch(setup, out: str, name: str, max_steps: int) -> None:
-    argv = ["--ds_config", os.path.join(REPO, "ds_configs", "zero3_cpu.json"), "--model-config", setup["config"],
+def _launch(setup, out: str, name: str, max_steps: int, ds_config: str) -> None:
+    argv = ["--ds_config", ds_config, "--model-config", setup["config"],
             "--data", setup["data"], "--val-data", setup["val"], "--val-every", "2", "--output", out,
             "--max-steps", str(max_steps), "--batch-size", "2", "--num-workers", "0", "--log-every", "1",
             "--checkpoint-every", "2", "--wandb", "off", "--scratch-dir", str(setup["root"] / f"scratch-{name}")]
@@ -61,9 +61,13 @@ def _launch(setup, out: str, name: str, max_steps: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(setup):
-    """`first`: steps 1-4. `resumed`: a copy of first's step-2 checkpoint, resumed to step 4."""
+    """`first`: steps 1-4. `resumed`: a copy of first's step-2 checkpoint, resumed to step 4 with every parameter
+    persistent (gathered for good after its first use), the other ZeRO-3 layout the EMA swap must handle."""
+    zero3 = os.path.join(REPO, "ds_configs", "zero3_cpu.json")
+    persistent = json.load(open(zero3))
+    persistent["zero_optimization"]["stage3_param_persistence_threshold"] = 10 ** 9
     first = str(setup["root"] / "first")
-    _launch(setup, first, "first", 4)
+    _launch(setup, first, "first", 4, zero3)
     resumed = str(setup["root"] / "resumed")
     ledger = manifest.read_ledger(os.path.join(first, "checkpoints", "manifest.json"))
     entry = ledger.at_step(2)
@@ -74,38 +78,13 @@ def runs(setup):
     header = {k: getattr(ledger, k) for k in ("args", "input", "properties")}
     manifest.write_ledger(os.path.join(resumed, "checkpoints", "manifest.json"),
                           manifest.Ledger(stage="train", **header).add(moved))
-    _launch(setup, resumed, "resumed", 4)
+    _launch(setup, resumed, "resumed", 4, trainkit.write_json(str(setup["root"] / "persistent.json"), persistent))
     return {"first": first, "resumed": resumed}
 
 
 def _metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-class _Links(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.links = []
-
-    def handle_starttag(self, tag, attrs):
-        self.links += [v for k, v in attrs if k in ("href", "src")]
-
-
-def page_links(page_url: str) -> list[str]:
-    parser = _Links()
-    parser.feed(storage.read_bytes(page_url).decode())
-    return parser.links
-
-
-def demo_audio(stem_url: str) -> tuple[torch.Tensor, dict]:
-    """A demo's audio as the model produced it (the 24-bit FLAC is peak-normalised; the JSON has the peak)."""
-    info = json.loads(storage.read_bytes(stem_url + ".json"))
-    local = storage.read_bytes(stem_url + ".flac")
-    import io
-    audio, rate = soundfile.read(io.BytesIO(local), dtype="float64", always_2d=True)
-    assert rate == info["sample_rate"] and info["bits"] == 24
-    return torch.from_numpy(audio.T).float() * info["peak"], info
 
 
 @pytest.mark.distributed
@@ -150,7 +129,7 @@ def test_demos_equal_generate_on_the_exported_ema_model(setup, runs):
 
 
 @pytest.mark.distributed
-def test_validation_losses_and_demos_are_identical_across_a_resume(runs):
+def test_validation_losses_demos_and_training_are_identical_across_a_resume(runs):
     first = {r["step"]: r for r in _metrics(runs["first"]) if "val_loss" in r}
     resumed = {r["step"]: r for r in _metrics(runs["resumed"]) if "val_loss" in r}
     assert sorted(first) == [2, 4] and sorted(resumed) == [4]
@@ -161,7 +140,9 @@ def test_validation_losses_and_demos_are_identical_across_a_resume(runs):
     assert first[2]["val_loss"] != first[4]["val_loss"]  # it measures the model
     train_first = {r["step"]: r["loss"] for r in _metrics(runs["first"]) if "loss" in r}
     train_resumed = {r["step"]: r["loss"] for r in _metrics(runs["resumed"]) if "loss" in r}
-    assert train_resumed[4] == pytest.approx(train_first[4], abs=1e-5)
+    # first rendered demos at step 2 before training step 3, resumed did not: the trained weights came back
+    for step in (3, 4):
+        assert train_resumed[step] == pytest.approx(train_first[step], abs=1e-5)
     for i in range(len(DEMO_COND)):
         stem = f"step-4/demo-{i:02d}/cfg4-seed{5 + i}"
         a, _ = demo_audio(os.path.join(runs["first"], "demos", stem))
@@ -247,9 +228,16 @@ def test_an_unconditional_model_renders_num_demos_samples_at_cfg_1(tmp_path):
     plan = plan_demos(cfg, model.diffusion_objective)
     assert plan.cfg_scales == (1.0,) and [it.seed for it in plan.items] == [0, 1, 2]
     pretransform, model.pretransform = model.pretransform, None
+    import wandb
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="cantus-test")
     demos = DemoRenderer(plan=plan, module=model, pretransform=pretransform, ema=ema, out=str(tmp_path),
-                         device=torch.device("cpu"), dtype=torch.float32)
+                         device=torch.device("cpu"), dtype=torch.float32, scratch=str(tmp_path / "scratch"),
+                         wandb_run=run)
     demos.render(7)
+    run.finish()
+    media = str(tmp_path / "wandb" / "offline-run-*" / "files" / "media")
+    assert len(glob.glob(media + "/audio/demo/demo-0*/cfg1_*.flac")) == 3  # logged to W&B: audio and spectrogram
+    assert len(glob.glob(media + "/images/demo/demo-0*/cfg1/mel_*.png")) == 3
     assert model.pretransform is None  # detached again
     links = page_links(str(tmp_path / "demos" / "index.html"))
     assert len(links) == 6 and all((tmp_path / "demos" / link).is_file() for link in links)

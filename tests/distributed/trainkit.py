@@ -229,3 +229,53 @@ def with_demos(config: dict, *, every: int, steps: int, cond: list[dict], cfg_sc
                                "demo_cond": cond, "demo_cfg_scales": cfg_scales}
     out["training"].setdefault("cantus", {}).update({"demo_seed": seed, "demo_sampler": sampler})
     return out
+
+
+def write_tiny_t5(folder: str, *, d_model: int = 32, layers: int = 1, heads: int = 4, d_kv: int = 8,
+                  d_ff: int = 64) -> str:
+    """A random T5 encoder with a word-level tokenizer, saved as a transformers folder (no download): what a
+    `t5` conditioner's `t5_model_name` may point at on an offline node."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["amen", "break", "bpm", "orchestral", "symphony", "classical", "music", "chill", "hip-hop", "beat",
+             "pop", "song", "about", "love", "and", "loss", "a", "prompt"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
+                      num_heads=heads)
+    T5EncoderModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def page_links(page_url: str) -> list[str]:
+    """Every href and src of an HTML page (local path or S3 URL)."""
+    import html.parser
+
+    class Links(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links = []
+
+        def handle_starttag(self, tag, attrs):
+            self.links += [v for k, v in attrs if k in ("href", "src")]
+
+    parser = Links()
+    parser.feed(storage.read_bytes(page_url).decode())
+    return parser.links
+
+
+def demo_audio(stem_url: str) -> tuple[torch.Tensor, dict]:
+    """A demo clip's audio as the model produced it (the 24-bit FLAC is peak-normalised; its JSON has the
+    peak) and the JSON."""
+    import soundfile
+
+    info = json.loads(storage.read_bytes(stem_url + ".json"))
+    audio, rate = soundfile.read(io.BytesIO(storage.read_bytes(stem_url + ".flac")), dtype="float64", always_2d=True)
+    assert rate == info["sample_rate"] and info["bits"] == 24
+    return torch.from_numpy(audio.T).float() * info["peak"], info
