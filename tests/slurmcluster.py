@@ -9,7 +9,7 @@ Commands reach it through ``SLURM_CONF`` (``Cluster.env()``). From pytest, use t
     python tests/slurmcluster.py start --dir D   # prints `export SLURM_CONF=...`, writes D/cluster.json
     python tests/slurmcluster.py stop --dir D    # scancel every job, stop only the daemons in D/cluster.json
 
-The Debian packages come from ``tools/install_slurm.sh``. The configuration follows the recipe
+The Debian packages come from ``tools/install_system.sh --test``. The configuration follows the recipe
 verified in ENVIRONMENT.md ("A real single-node SLURM"); the comments say why each line is there.
 """
 
@@ -203,7 +203,7 @@ def start(base_dir: str, cpus: int = 8, timeout: float = 60) -> Cluster:
     """Start munged, slurmctld and slurmd; return once the node is idle."""
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found: run tools/install_slurm.sh (as root)")
+            raise RuntimeError(f"{tool} not found: run tools/install_system.sh --test (as root)")
     if os.geteuid() != 0:
         raise RuntimeError("the test SLURM runs its daemons as root (SlurmUser=root): run as root")
     base = Path(base_dir)
@@ -286,7 +286,7 @@ try:  # the session fixture; tests/conftest.py imports it (`from slurmcluster im
     def slurm_cluster(tmp_path_factory):
         """A running single-node SLURM for the session (tools/test.sh installs the packages)."""
         if shutil.which("slurmctld") is None or shutil.which("munged") is None:
-            pytest.fail("SLURM is not installed: run tools/install_slurm.sh (as root), as tools/test.sh does")
+            pytest.fail("SLURM is not installed: run tools/install_system.sh --test (as root), as tools/test.sh does")
         cluster = start(str(tmp_path_factory.mktemp("slurm")))
         try:
             yield cluster

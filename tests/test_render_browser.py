@@ -1,7 +1,7 @@
 """The render page in a real browser (headless Chromium): every player loads its FLAC's metadata and
 every spectrogram decodes, opened from disk (file://) and from a static web server.
 
-Needs Debian's chromium (``bash tools/install_browser.sh``). The page is checked through a copy with an
+Needs Debian's chromium (``bash tools/install_system.sh --test``). The page is checked through a copy with an
 inline script that, after load, waits for each <audio> element's metadata and writes the results into
 the DOM, which ``--dump-dom`` prints; a screenshot is kept under ``artifacts/``.
 """
@@ -28,7 +28,7 @@ ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 @pytest.fixture(autouse=True)
 def chromium_installed():
     if not os.path.exists(CHROMIUM):
-        pytest.fail("needs chromium: bash tools/install_browser.sh (tools/test.sh runs it)")
+        pytest.fail("needs chromium: bash tools/install_system.sh --test (tools/test.sh runs it)")
 
 CHECK_SCRIPT = """<script>
 window.addEventListener("load", async () => {

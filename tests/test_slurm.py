@@ -1,5 +1,5 @@
 """The SLURM scripts (slurm/) on a real single-node SLURM started by the `slurm_cluster` fixture
-(tests/slurmcluster.py; packages from tools/install_slurm.sh).
+(tests/slurmcluster.py; packages from tools/install_system.sh --test).
 
 The first tests pin the scheduler behaviour the scripts rely on and the scripts' own logic (arrays and
 `afterok`, task slots under arrays and srun, train.sh's signal forwarding and self-requeue, a failed
