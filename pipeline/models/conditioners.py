@@ -10,6 +10,7 @@ model on the `meta` device, checking a config or loading a checkpoint needs no e
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import inspect
@@ -100,11 +101,20 @@ class NumberConditioner(Conditioner):
 
 
 class _FrozenTextEncoder:
-    """Tokenizer + encoder loaded on first use, kept out of the module tree (no state-dict keys)."""
+    """Tokenizer + encoder loaded on first use, kept out of the module tree (no state-dict keys).
+
+    Being frozen, it maps a text to the same states every time: they are cached per text (a training
+    set repeats its captions every epoch, and a small DiT would otherwise spend as long in the text
+    encoder as in itself).
+    """
+
+    CACHE_SIZE = 8192
 
     def __init__(self, load):
         self._load = load
         self.tokenizer, self.model, self.device = None, None, None
+        self._cache: collections.OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = \
+            collections.OrderedDict()
 
     def get(self, device):
         if self.model is None:
@@ -115,18 +125,36 @@ class _FrozenTextEncoder:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
             self.model = self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
             self.device = device
+            self._cache.clear()
         return self.tokenizer, self.model
 
+    def encode(self, texts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states (B, L, C) and the mask (B, L) bool, each text padded to ``max_length``."""
+        tokenizer, model = self.get(device)
+        missing = [t for t in dict.fromkeys(texts) if (t, max_length) not in self._cache]
+        if missing:
+            states, mask = _run_encoder(tokenizer, model, missing, max_length, self.device, grad=False)
+            for i, text in enumerate(missing):
+                self._cache[(text, max_length)] = (states[i], mask[i])
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+        rows = [self._cache[(t, max_length)] for t in texts]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
-def _encode_text(tokenizer, model: nn.Module, texts: list[str], max_length: int, device,
-                 proj_out: nn.Module, grad: bool = False) -> list[torch.Tensor]:
-    """Per-token states (B, L, C), zeroed at padding, and the mask (B, L) bool."""
+
+def _run_encoder(tokenizer, model: nn.Module, texts: list[str], max_length: int, device,
+                 grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length",
                         return_tensors="pt")
     input_ids = encoded["input_ids"].to(device)
     mask = encoded["attention_mask"].to(device).bool()
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         states = model(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
+    return states, mask
+
+
+def _project(states: torch.Tensor, mask: torch.Tensor, proj_out: nn.Module) -> list[torch.Tensor]:
+    """Per-token states (B, L, C) projected and zeroed at padding, and the mask (B, L) bool."""
     if not isinstance(proj_out, nn.Identity):
         states = states.to(next(proj_out.parameters()).dtype)
     return [proj_out(states) * mask.unsqueeze(-1).float(), mask]
@@ -166,9 +194,9 @@ class T5Conditioner(Conditioner):
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         if self.enable_grad:
-            return _encode_text(self.tokenizer, self.model, texts, self.max_length, device, self.proj_out,
-                                grad=True)
-        return _encode_text(*self.encoder.get(device), texts, self.max_length, device, self.proj_out)
+            return _project(*_run_encoder(self.tokenizer, self.model, texts, self.max_length, device, grad=True),
+                            self.proj_out)
+        return _project(*self.encoder.encode(list(texts), self.max_length, device), self.proj_out)
 
 
 class HFTextConditioner(Conditioner):
@@ -201,7 +229,7 @@ class HFTextConditioner(Conditioner):
         return AutoTokenizer.from_pretrained(path), model
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
-        return _encode_text(*self.encoder.get(device), texts, self.max_length, device, self.proj_out)
+        return _project(*self.encoder.encode(list(texts), self.max_length, device), self.proj_out)
 
 
 def resolve_model_path(model_path: str) -> str:

