@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import manifest as mf
 from pipeline import storage
+from pipeline.cli import USER_ERRORS, report_error
 from pipeline.config import ConfigError, PretransformConfig, load_model_config
 from pipeline.data import audio as audio_io
 from pipeline.data.shards import ShardWriter, iter_samples, read_json
@@ -293,11 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             m = commit(args, slot)
             logger.info("%d latent samples in %d shards -> %s", m.totals.get("samples", 0),
                         m.totals.get("outputs", 0), storage.join(args.output, "manifest.json"))
-    except (ConfigError, mf.ManifestError, storage.StorageError, ValueError) as e:
-        if args.debug:
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+    except USER_ERRORS as e:
+        return report_error(e, args.debug)
     return 0
 
 

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,6 +36,7 @@ from safetensors.torch import load as load_safetensors
 
 from pipeline import manifest as mf
 from pipeline import storage
+from pipeline.cli import USER_ERRORS, report_error
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.latents import derived_seed
 from pipeline.data.shards import iter_samples, read_json
@@ -59,10 +59,8 @@ def load_checkpoint(spec: str, step: int | None, model_config: str | None, devic
                     ) -> tuple[torch.nn.Module, ModelConfig, dict]:
     """``--checkpoint``: a ledger URL (its newest entry, or ``step``) or a ``.safetensors`` file.
     Returns (model in eval mode on ``device``, config, a description with the VAE weights' hash)."""
-    from pipeline.distributed.checkpoint import read_export
-    from pipeline.models import create_model_from_config
     from pipeline.models.weights import PRETRANSFORM_PREFIX, strip_prefix, weights_sha256
-    from pipeline.render_plan import Checkpoint, load_checkpoint_config
+    from pipeline.render_plan import Checkpoint, load_checkpoint_config, load_checkpoint_weights
 
     if spec.endswith(".json"):
         entry = mf.read_ledger(spec).at_step(step)
@@ -75,17 +73,7 @@ def load_checkpoint(spec: str, step: int | None, model_config: str | None, devic
         raise ConfigError(f"--checkpoint {spec}: expected a ledger (<train out>/checkpoints/manifest.json) "
                           "or a .safetensors export")
     cfg = load_checkpoint_config(checkpoint, model_config)
-    with tempfile.TemporaryDirectory(prefix="cantus-probe-") as tmp:
-        path = checkpoint.url
-        if storage.is_s3(path):
-            path = os.path.join(tmp, "checkpoint.safetensors")
-            storage.download(checkpoint.url, path)
-        tensors, _, _ = read_export(path)
-    model = create_model_from_config(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{checkpoint.url}: weights do not match the model config: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]} (wrong --model-config?)")
+    model, tensors = load_checkpoint_weights(checkpoint, cfg)
     vae = strip_prefix(tensors, PRETRANSFORM_PREFIX)
     about = {"url": checkpoint.url, "step": checkpoint.step, "model_config_sha256": cfg.sha256,
              "pretransform_weights_sha256": weights_sha256(vae) if vae else None}
@@ -365,11 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             storage.write(args.out, (json.dumps(result, indent=1, allow_nan=True) + "\n").encode())
             logger.info("results -> %s", args.out)
-    except (ConfigError, mf.ManifestError, storage.StorageError, ValueError) as e:
-        if args.debug:
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+    except USER_ERRORS as e:
+        return report_error(e, args.debug)
     return 0
 
 

@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 import time
 
 import torch
 
 from pipeline import manifest as mf
 from pipeline import storage
+from pipeline.cli import USER_ERRORS, report_error
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.distributed.checkpoint import read_export
 from pipeline.generate import generate
 from pipeline.models import create_model_from_config
-from pipeline.render_plan import Checkpoint, load_checkpoint_config, plan_items, read_prompts, resolve_checkpoints
+from pipeline.render_plan import (Checkpoint, load_checkpoint_config, load_checkpoint_weights, plan_items, read_prompts,
+                                  resolve_checkpoints)
 from pipeline.report.clips import clip_files
 from pipeline.report.page import Clip, render_page
 from pipeline.tasks import task_slot
@@ -124,18 +123,7 @@ def load_model(checkpoint: Checkpoint, cfg: ModelConfig, device: str) -> torch.n
         if {"size": info.size, "etag": info.etag} != checkpoint.identity:
             raise ConfigError(f"{checkpoint.url}: changed since the plan (size/etag {info.size}/{info.etag}, "
                               f"planned {checkpoint.identity}); render into a new --output")
-    with tempfile.TemporaryDirectory(prefix="cantus-render-") as tmp:
-        path = checkpoint.url
-        if storage.is_s3(path):
-            path = os.path.join(tmp, "checkpoint.safetensors")
-            storage.download(checkpoint.url, path)
-        tensors, _, _ = read_export(path)
-    model = create_model_from_config(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{checkpoint.url}: weights do not match the model config: missing keys "
-                          f"{sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                          f"{sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''} (wrong --model-config?)")
+    model, _ = load_checkpoint_weights(checkpoint, cfg)
     return model.to(device).eval()
 
 
@@ -279,11 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%d clips, %.1f s of audio -> %s (page %s)", m.totals.get("outputs", 0),
                         m.totals.get("seconds", 0.0), storage.join(args.output, "manifest.json"),
                         m.properties["page"])
-    except (ConfigError, mf.ManifestError, storage.StorageError, ValueError) as e:
-        if args.debug:
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 2
+    except USER_ERRORS as e:
+        return report_error(e, args.debug)
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import struct
+import tempfile
 
 import torch
 
@@ -113,6 +114,26 @@ def load_checkpoint_config(checkpoint: Checkpoint, model_config: str | None) -> 
     if cfg.model_type not in ("diffusion_cond", "diffusion_uncond"):
         raise ConfigError(f"{checkpoint.url}: model_type={cfg.model_type!r} cannot render; expected a diffusion model")
     return cfg
+
+
+def load_checkpoint_weights(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model built from ``cfg`` (on CPU) with the checkpoint's exported weights, strictly (every key
+    must match), and those weights; an S3 file is downloaded to a temporary folder first."""
+    from pipeline.distributed.checkpoint import read_export  # imported here: planning needs no checkpoint reader
+
+    with tempfile.TemporaryDirectory(prefix="cantus-checkpoint-") as tmp:
+        path = checkpoint.url
+        if storage.is_s3(path):
+            path = os.path.join(tmp, "checkpoint.safetensors")
+            storage.download(checkpoint.url, path)
+        tensors, _, _ = read_export(path)
+    model = create_model_from_config(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{checkpoint.url}: weights do not match the model config: missing keys "
+                          f"{sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                          f"{sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''} (wrong --model-config?)")
+    return model, tensors
 
 
 def read_prompts(url: str) -> list[Prompt]:

@@ -38,7 +38,7 @@ from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
 from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
-                                  mean_over_ranks, scratch_dir, start_wandb, validation_losses)
+                                  mean_over_ranks, scratch_dir, start_wandb, validation_losses, window_rates)
 
 logger = logging.getLogger("pipeline.train")
 
@@ -249,9 +249,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                 elapsed = time.perf_counter() - window["start"]
                 micro = window["n"] * layout.accumulation
                 record = {"step": step, "loss": mean_over_ranks(window["loss"] / micro, device),
-                          "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
-                          "samples_per_s": layout.global_batch * window["n"] / elapsed,
-                          "data_wait": window["data_wait"] / elapsed, "epoch": loader.epoch}
+                          **window_rates(engine, layout, window, elapsed, loader.epoch)}
                 if denv.rank == 0:
                     outputs.log_metrics(record)
                     logger.info("step %d | loss %.4f | grad_norm %.3g | lr %.2e | %.1f samples/s | data_wait %.0f%%",
@@ -284,11 +282,6 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     if dist.is_initialized():
         dist.barrier()
     return EXIT_STOPPED if stopped and step < args.max_steps else 0
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
 from pipeline.models.autoencoder_losses import autoencoder_step_losses, create_autoencoder_losses
 from pipeline.models.factory import create_model_from_config
-from pipeline.train_setup import mean_over_ranks, scratch_dir, start_wandb
+from pipeline.train_setup import mean_over_ranks, scratch_dir, start_wandb, window_rates
 
 logger = logging.getLogger("pipeline.train")
 
@@ -192,9 +192,7 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": step, "loss": mean_over_ranks(window["loss"] / window["n"], device),
                           **{k: mean_over_ranks(v / window["n"], device) for k, v in sorted(window["terms"].items())},
-                          "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
-                          "samples_per_s": layout.global_batch * window["n"] / elapsed,
-                          "data_wait": window["data_wait"] / elapsed, "epoch": loader.epoch}
+                          **window_rates(engine, layout, window, elapsed, loader.epoch)}
                 if denv.rank == 0:
                     outputs.log_metrics(record)
                     logger.info("step %d | loss %.4f | %s | lr %.2e | %.1f samples/s", step, record["loss"],

@@ -167,6 +167,16 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
+def window_rates(engine, layout: BatchLayout, window: dict, elapsed: float, epoch: int) -> dict:
+    """The fields of a log record after the loss, the same in both trainers: learning rate, gradient norm
+    (NaN when DeepSpeed reports none), samples/s over the window's `window["n"]` optimizer steps, the
+    fraction of the window spent waiting for data, and the data epoch."""
+    norm = engine.get_global_grad_norm()
+    return {"lr": engine.get_lr()[0], "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples_per_s": layout.global_batch * window["n"] / elapsed,
+            "data_wait": window["data_wait"] / elapsed, "epoch": epoch}
+
+
 def start_wandb(args, cfg: ModelConfig, denv, scratch: str):
     """A W&B run on rank 0 (offline by default: no network needed; `wandb sync` later), or None."""
     if args.wandb == "off" or denv.rank != 0:

@@ -19,6 +19,9 @@ import pytest
 
 from slurmcluster import Cluster
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+import trainkit  # noqa: E402
+
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -140,18 +143,8 @@ CLIPS["silence"] = (1.0, 0, "nothing at all")
 
 def vae_config() -> dict:
     """VAE as a `model_type: autoencoder` config, with STFT losses and a discriminator sized for 64 ms clips."""
-    stft = {"fft_sizes": [64, 32], "hop_sizes": [16, 8], "win_lengths": [64, 32]}
-    opt = {"optimizer": {"type": "AdamW", "config": {"lr": 1e-3, "betas": [0.8, 0.99]}}}
     return {"model_type": "autoencoder", "sample_size": SAMPLE_SIZE, "sample_rate": SR, "audio_channels": 1,
-            "model": VAE,
-            "training": {"warmup_steps": 2, "use_ema": True, "cantus": {"ema_beta": 0.9},
-                         "optimizer_configs": {"autoencoder": opt, "discriminator": opt},
-                         "loss_configs": {
-                             "discriminator": {"type": "encodec", "config": {
-                                 "filters": 4, "n_ffts": [64, 32], "hop_lengths": [16, 8], "win_lengths": [64, 32]},
-                                 "weights": {"adversarial": 0.1, "feature_matching": 1.0}},
-                             "spectral": {"type": "mrstft", "config": stft, "weights": {"mrstft": 1.0}},
-                             "bottleneck": {"type": "kl", "weights": {"kl": 1e-4}}}}}
+            "model": VAE, "training": trainkit.autoencoder_training(warmup_steps=2)}
 
 
 def dit_config() -> dict:

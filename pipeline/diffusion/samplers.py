@@ -185,13 +185,13 @@ def sample_k_heun(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma_m
     return x
 
 
-def sample_dpmpp_2m(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma_min=None, sigma_max=None,
-                    rho=None, sigma_schedule=None, schedule=None, init=None, init_noise_level=None,
-                    callback: Callback = None, disable: bool = True) -> torch.Tensor:
-    """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), in lambda = -log sigma (k-diffusion ``sample_dpmpp_2m``)."""
-    denoise, sigmas, x = _karras_setup(model_fn, noise, steps, sigma_min, sigma_max, rho, sigma_schedule,
-                                       schedule, init, init_noise_level)
-    old_denoised, h_last = None, None
+def _dpmpp_multistep(denoise, sigmas: torch.Tensor, x: torch.Tensor, update, callback: Callback,
+                     disable: bool) -> torch.Tensor:
+    """The loop the DPM-Solver++ multistep samplers share: denoise at ``sigmas[i]``, report, then
+    ``x = update(x, denoised, h, sigma, sigma_next, history)`` with ``h = log(sigma / sigma_next)`` and
+    ``history`` the earlier steps' ``(denoised, h)``, newest first (at most two). The step to sigma 0
+    returns the denoised estimate."""
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = denoise(x, _batch(x, sigmas[i]))
         if callback is not None:
@@ -200,14 +200,28 @@ def sample_dpmpp_2m(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma
             x = denoised
             continue
         h = sigmas[i].log() - sigmas[i + 1].log()
-        if old_denoised is None:
+        x = update(x, denoised, h, sigmas[i], sigmas[i + 1], history)
+        history = [(denoised, h), *history[:1]]
+    return x
+
+
+def sample_dpmpp_2m(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma_min=None, sigma_max=None,
+                    rho=None, sigma_schedule=None, schedule=None, init=None, init_noise_level=None,
+                    callback: Callback = None, disable: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022b), in lambda = -log sigma (k-diffusion ``sample_dpmpp_2m``)."""
+    denoise, sigmas, x = _karras_setup(model_fn, noise, steps, sigma_min, sigma_max, rho, sigma_schedule,
+                                       schedule, init, init_noise_level)
+
+    def update(x, denoised, h, sigma, sigma_next, history):
+        if not history:
             estimate = denoised
         else:
+            old_denoised, h_last = history[0]
             r = h_last / h
             estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * estimate
-        old_denoised, h_last = denoised, h
-    return x
+        return (sigma_next / sigma) * x - (-h).expm1() * estimate
+
+    return _dpmpp_multistep(denoise, sigmas, x, update, callback, disable)
 
 
 def sample_dpmpp_2m_sde(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma_min=None,
@@ -217,22 +231,16 @@ def sample_dpmpp_2m_sde(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, s
     """DPM-Solver++(2M) SDE, midpoint form, eta = 1 (k-diffusion ``sample_dpmpp_2m_sde``)."""
     denoise, sigmas, x = _karras_setup(model_fn, noise, steps, sigma_min, sigma_max, rho, sigma_schedule,
                                        schedule, init, init_noise_level)
-    old_denoised, h_last = None, None
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = denoise(x, _batch(x, sigmas[i]))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
-        if sigmas[i + 1] == 0:
-            x = denoised
-            continue
-        h = sigmas[i].log() - sigmas[i + 1].log()
+
+    def update(x, denoised, h, sigma, sigma_next, history):
         # eta = 1: the deterministic part decays with 2h, and the rest of the variance is fresh noise.
-        x = sigmas[i + 1] / sigmas[i] * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
-        if old_denoised is not None:
+        x = sigma_next / sigma * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
+        if history:
+            old_denoised, h_last = history[0]
             x = x + 0.5 * (-2 * h).expm1().neg() * (h / h_last) * (denoised - old_denoised)
-        x = x + randn_like(x, generator) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
-        old_denoised, h_last = denoised, h
-    return x
+        return x + randn_like(x, generator) * sigma_next * (-2 * h).expm1().neg().sqrt()
+
+    return _dpmpp_multistep(denoise, sigmas, x, update, callback, disable)
 
 
 def sample_dpmpp_3m_sde(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, sigma_min=None,
@@ -243,31 +251,25 @@ def sample_dpmpp_3m_sde(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, s
     correction from the last three denoised estimates, then fresh noise."""
     denoise, sigmas, x = _karras_setup(model_fn, noise, steps, sigma_min, sigma_max, rho, sigma_schedule,
                                        schedule, init, init_noise_level)
-    denoised_1 = denoised_2 = h_1 = h_2 = None
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = denoise(x, _batch(x, sigmas[i]))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "denoised": denoised})
-        if sigmas[i + 1] == 0:
-            x = denoised
-            continue
-        h = sigmas[i].log() - sigmas[i + 1].log()
+
+    def update(x, denoised, h, sigma, sigma_next, history):
         h_eta = 2 * h  # h * (eta + 1)
         x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
         phi_2 = (-h_eta).expm1() / h_eta + 1
-        if h_2 is not None:
+        if len(history) == 2:
+            (denoised_1, h_1), (denoised_2, h_2) = history
             r0, r1 = h_1 / h, h_2 / h
             d1_0 = (denoised - denoised_1) / r0
             d1_1 = (denoised_1 - denoised_2) / r1
             d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
-        elif h_1 is not None:
+        elif history:
+            denoised_1, h_1 = history[0]
             x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
-        x = x + randn_like(x, generator) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-    return x
+        return x + randn_like(x, generator) * sigma_next * (-2 * h).expm1().neg().sqrt()
+
+    return _dpmpp_multistep(denoise, sigmas, x, update, callback, disable)
 
 
 # ----------------------------------------------------------------------------------------------

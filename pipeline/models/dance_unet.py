@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d import construct_checked
 
 # Half-band resampling filters shared by sample-generator and SAT (`blocks._kernels`).
@@ -266,10 +267,7 @@ class DiffusionAttnUnet1D(nn.Module):
             conv_block(c, c, c),
             conv_block(c, c, io_channels, is_last=True),
         )
-        # The original halves the initial weights of the network (not the timestep features).
-        with torch.no_grad():
-            for param in self.net.parameters():
-                param.mul_(0.5)
+        halve_parameters(self.net)  # the original halves the network's initial weights (not the timestep features)
 
     @property
     def min_input_length(self) -> int:
@@ -359,9 +357,7 @@ class DAU1DCondWrapper(nn.Module):
         super().__init__()
         self.model = DiffusionAttnUnet1D(**config)
         self.min_input_length = self.model.min_input_length
-        with torch.no_grad():  # SAT's wrapper halves again, on top of the network's own halving
-            for param in self.model.parameters():
-                param.mul_(0.5)
+        halve_parameters(self.model)  # SAT's wrapper halves again, on top of the network's own halving
 
     def forward(
         self,

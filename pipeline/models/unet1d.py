@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d_blocks import (
     AttentionSettings,
     BottleneckBlock1d,
@@ -377,14 +378,6 @@ def _append_token(
     return torch.cat([tokens, token], dim=1), mask
 
 
-def _halve_parameters(module: nn.Module) -> None:
-    # SAT's wrappers multiply every initial weight by 0.5 (a smaller-variance init); kept so that training
-    # from scratch starts where SAT's does.
-    with torch.no_grad():
-        for param in module.parameters():
-            param.mul_(0.5)
-
-
 def _reject_unsupported(
     backbone: str,
     prepend_cond: torch.Tensor | None = None,
@@ -421,7 +414,7 @@ class UNetCFG1DWrapper(nn.Module):
         super().__init__()
         self.model = UNetCFG1d(**config)
         self.min_input_length = self.model.min_input_length
-        _halve_parameters(self.model)
+        halve_parameters(self.model)
 
     def forward(
         self,
@@ -485,7 +478,7 @@ class UNet1DCondWrapper(nn.Module):
         super().__init__()
         self.model = UNet1d(**config)
         self.min_input_length = self.model.min_input_length
-        _halve_parameters(self.model)
+        halve_parameters(self.model)
 
     def forward(
         self,
@@ -529,7 +522,7 @@ class UNet1DUncondWrapper(nn.Module):
         self.model = UNet1d(in_channels=in_channels, **config)
         self.io_channels = in_channels
         self.min_input_length = self.model.min_input_length
-        _halve_parameters(self.model)
+        halve_parameters(self.model)
 
     def forward(
         self,

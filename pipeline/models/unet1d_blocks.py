@@ -148,6 +148,12 @@ class ResnetBlock1d(nn.Module):
         return h + self.to_out(x)
 
 
+def _check_patch_size(channels: int, patch_size: int) -> None:
+    """The stems fold `patch_size` frames into (or out of) the first level's channels."""
+    if channels % patch_size != 0:
+        raise ValueError(f"channels * multipliers[0] = {channels} must be divisible by patch_size {patch_size}")
+
+
 class Patcher(nn.Module):
     """Input stem: a resnet block, then `patch_size` consecutive frames folded into channels."""
 
@@ -155,10 +161,7 @@ class Patcher(nn.Module):
         self, in_channels: int, out_channels: int, patch_size: int, context_mapping_features: int | None
     ) -> None:
         super().__init__()
-        if out_channels % patch_size != 0:
-            raise ValueError(
-                f"channels * multipliers[0] = {out_channels} must be divisible by patch_size {patch_size}"
-            )
+        _check_patch_size(out_channels, patch_size)
         self.patch_size = patch_size
         self.block = ResnetBlock1d(
             in_channels, out_channels // patch_size, num_groups=1, context_mapping_features=context_mapping_features
@@ -179,10 +182,7 @@ class Unpatcher(nn.Module):
         self, in_channels: int, out_channels: int, patch_size: int, context_mapping_features: int | None
     ) -> None:
         super().__init__()
-        if in_channels % patch_size != 0:
-            raise ValueError(
-                f"channels * multipliers[0] = {in_channels} must be divisible by patch_size {patch_size}"
-            )
+        _check_patch_size(in_channels, patch_size)
         self.patch_size = patch_size
         self.block = ResnetBlock1d(
             in_channels // patch_size, out_channels, num_groups=1, context_mapping_features=context_mapping_features

@@ -204,21 +204,26 @@ def losses(out: str) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def tiny_vae_training_config(warmup_steps: int = 2) -> dict:
-    """TINY_VAE as a `model_type: autoencoder` config at 16 kHz mono, sample_size 256, with a small
-    EnCodec-style discriminator that joins after `warmup_steps`."""
+def autoencoder_training(warmup_steps: int = 2) -> dict:
+    """A `training` block for a tiny VAE on clips of a few hundred samples: AdamW for both networks, STFT
+    losses at 64 and 32 bins, KL, and a small EnCodec-style discriminator that joins after `warmup_steps`."""
     stft = {"fft_sizes": [64, 32], "hop_sizes": [16, 8], "win_lengths": [64, 32]}
     opt = {"optimizer": {"type": "AdamW", "config": {"lr": 1e-3, "betas": [0.8, 0.99]}}}
+    return {"warmup_steps": warmup_steps, "use_ema": True, "cantus": {"ema_beta": 0.9},
+            "optimizer_configs": {"autoencoder": opt, "discriminator": opt},
+            "loss_configs": {
+                "discriminator": {"type": "encodec", "config": {
+                    "filters": 4, "n_ffts": [64, 32], "hop_lengths": [16, 8], "win_lengths": [64, 32]},
+                    "weights": {"adversarial": 0.1, "feature_matching": 1.0}},
+                "spectral": {"type": "mrstft", "config": stft, "weights": {"mrstft": 1.0}},
+                "bottleneck": {"type": "kl", "weights": {"kl": 1e-4}}}}
+
+
+def tiny_vae_training_config(warmup_steps: int = 2) -> dict:
+    """TINY_VAE as a `model_type: autoencoder` config at 16 kHz mono, sample_size 256, trained as
+    `autoencoder_training` says."""
     return {"model_type": "autoencoder", "sample_size": 256, "sample_rate": 16000, "audio_channels": 1,
-            "model": TINY_VAE,
-            "training": {"warmup_steps": warmup_steps, "use_ema": True, "cantus": {"ema_beta": 0.9},
-                         "optimizer_configs": {"autoencoder": opt, "discriminator": opt},
-                         "loss_configs": {
-                             "discriminator": {"type": "encodec", "config": {
-                                 "filters": 4, "n_ffts": [64, 32], "hop_lengths": [16, 8], "win_lengths": [64, 32]},
-                                 "weights": {"adversarial": 0.1, "feature_matching": 1.0}},
-                             "spectral": {"type": "mrstft", "config": stft, "weights": {"mrstft": 1.0}},
-                             "bottleneck": {"type": "kl", "weights": {"kl": 1e-4}}}}}
+            "model": TINY_VAE, "training": autoencoder_training(warmup_steps)}
 
 
 def with_demos(config: dict, *, every: int, steps: int, cond: list[dict], cfg_scales: list[float],
@@ -231,15 +236,17 @@ def with_demos(config: dict, *, every: int, steps: int, cond: list[dict], cfg_sc
     return out
 
 
+T5_WORDS = ("amen", "break", "bpm", "orchestral", "symphony", "classical", "music", "chill", "hip-hop", "beat",
+            "pop", "song", "about", "love", "and", "loss", "a", "prompt")
+
+
 def write_tiny_t5(folder: str, *, d_model: int = 32, layers: int = 1, heads: int = 4, d_kv: int = 8,
-                  d_ff: int = 64) -> str:
-    """A random T5 encoder with a word-level tokenizer, saved as a transformers folder (no download): what a
-    `t5` conditioner's `t5_model_name` may point at on an offline node."""
+                  d_ff: int = 64, words: tuple[str, ...] | list[str] = T5_WORDS) -> str:
+    """A random T5 encoder (seed 0) with a word-level tokenizer over `words`, saved as a transformers folder
+    (no download): what a `t5` conditioner's `t5_model_name` may point at on an offline node."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-    words = ["amen", "break", "bpm", "orchestral", "symphony", "classical", "music", "chill", "hip-hop", "beat",
-             "pop", "song", "about", "love", "and", "loss", "a", "prompt"]
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
