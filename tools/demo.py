@@ -76,6 +76,21 @@ def ledger_step(path: Path) -> str:
     return str(max(c["step"] for c in checkpoints)) if checkpoints else "0"
 
 
+def probe_summary(probe: dict) -> str:
+    """The probe's verdict in a few lines (the whole report is probe.json)."""
+    loss = probe["loss"]
+    lines = [f"probe at step {probe['checkpoint']['step']}: validation loss {loss['mean_true_loss']:.4f} with the "
+             f"true prompts vs {loss['mean_shuffled_loss']:.4f} shuffled (z = {loss['z']:.1f}; uses its prompts: "
+             f"{'yes' if loss['uses_prompts'] else 'no'})"]
+    audio = probe.get("audio") or {}
+    for score in ("key", "instrument"):
+        if score in audio:
+            s = audio[score]
+            lines.append(f"  {score:<10} generated {s['generated']['mean']:.2f}  chance {s['chance']['mean']:.2f}  "
+                         f"real clips {s['ceiling']['mean']:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,8 +98,8 @@ def main() -> int:
     parser.add_argument("--num-clips", type=int, default=300, help="clips in the demo dataset")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
     parser.add_argument("--vae-steps", type=int, default=300, help="VAE training steps")
-    parser.add_argument("--dit-steps", type=int, default=1000, help="DiT training steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--dit-steps", type=int, default=500, help="DiT training steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch size")
     args = parser.parse_args()
     out, py = Path(args.out), sys.executable
     data, shards, vae, dit = out / "dataset", out / "shards", out / "vae", out / "dit"
@@ -121,7 +136,7 @@ def main() -> int:
                                "--checkpoint-every", str(args.dit_steps // 2)],
          dit_ledger, ledger_step, "steps", args.dit_steps),
         ("render", [py, "-m", "pipeline.render", "--checkpoints", str(dit_ledger), "--prompts", str(prompts),
-                    "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0,1"],
+                    "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0"],
          render / "manifest.json", samples, "clips", 0),
         ("probe", [py, "-m", "pipeline.probe", "--checkpoint", str(dit_ledger), "--data",
                    str(latents_val / "manifest.json"), "--reference", str(data), "--num-generate", "16",
@@ -133,7 +148,7 @@ def main() -> int:
             break
     print("\n" + chain.table())
     if (out / "probe.json").exists():
-        print("\nprobe:", (out / "probe.json").read_text()[:2000])
+        print("\n" + probe_summary(json.loads((out / "probe.json").read_text())))
     if (render / "index.html").exists():
         print(f"\ndemo page: {render / 'index.html'}")
     if (dit / "demos" / "index.html").exists():
