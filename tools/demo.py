@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--num-clips", type=int, default=300, help="clips in the demo dataset")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
     parser.add_argument("--vae-steps", type=int, default=300, help="VAE training steps")
-    parser.add_argument("--dit-steps", type=int, default=500, help="DiT training steps")
+    parser.add_argument("--dit-steps", type=int, default=1000, help="DiT training steps")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size")
     args = parser.parse_args()
     out, py = Path(args.out), sys.executable
