@@ -127,15 +127,52 @@ def windows_of(audio: np.ndarray, meta: dict, sample_size: int, ratio: int, samp
         yield ("" if count == 1 else f"_w{j}"), piece, md
 
 
+class ShardWindows(torch.utils.data.IterableDataset):
+    """The windows of one audio shard, decoded in DataLoader workers while the device encodes.
+
+    Worker w of W takes the samples i with i % W == w; the DataLoader interleaves the workers in a fixed
+    order, so a shard's output does not depend on timing. Yields ``(key, window (C, T) tensor, metadata)``,
+    or ``(key, None, reason)`` for a sample that cannot be used.
+    """
+
+    def __init__(self, url: str, sample_rate: int, channels: int, sample_size: int, ratio: int):
+        super().__init__()
+        self.url, self.sample_rate, self.channels = url, sample_rate, channels
+        self.sample_size, self.ratio = sample_size, ratio
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, (key, members) in enumerate(iter_samples(self.url)):
+            if i % workers != worker:
+                continue
+            try:
+                meta = read_json(members, self.url, key)
+                if "flac" not in members:
+                    raise ValueError("no .flac member")
+                audio, sr = audio_io.decode(members["flac"])
+                if sr != self.sample_rate:
+                    raise ValueError(f"sample rate {sr} Hz, the model expects {self.sample_rate} Hz (re-shard "
+                                     f"with --sample-rate {self.sample_rate})")
+                audio = audio_io.set_channels(audio, self.channels)
+            except ValueError as e:
+                yield key, None, str(e)
+                continue
+            for suffix, piece, md in windows_of(audio, meta, self.sample_size, self.ratio, self.sample_rate):
+                yield key + suffix, torch.from_numpy(np.ascontiguousarray(piece)), md
+
+
 def encode_shard(enc: Encoder, url: str, out_url: str, args) -> tuple[list[dict], list[dict]]:
     """Encode every sample of one audio shard into one latent shard; return (entries, rejects)."""
     props = enc.properties
-    sample_size, ratio = props["sample_size"], props["downsampling_ratio"]
     rejects, pending = [], []
     writer = ShardWriter(lambda n: out_url if n == 0 else out_url.replace(".tar", f"-{n}.tar"), 1 << 40)
+    windows = ShardWindows(url, enc.sample_rate, enc.channels, props["sample_size"], props["downsampling_ratio"])
+    loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=args.num_workers,
+                                         pin_memory=str(args.device).startswith("cuda"))
 
     def flush():
-        batch = torch.from_numpy(np.stack([p[1] for p in pending])).to(args.device, DTYPES[args.dtype])
+        batch = torch.stack([p[1] for p in pending]).to(args.device, DTYPES[args.dtype], non_blocking=True)
         with torch.inference_mode():
             tensors = _encode(enc, batch)
         for (key, _, md), stored in zip(pending, (dict(zip(tensors, t)) for t in zip(*tensors.values()))):
@@ -148,23 +185,13 @@ def encode_shard(enc: Encoder, url: str, out_url: str, args) -> tuple[list[dict]
         pending.clear()
 
     with writer:
-        for key, members in iter_samples(url):
-            try:
-                meta = read_json(members, url, key)
-                if "flac" not in members:
-                    raise ValueError("no .flac member")
-                audio, sr = audio_io.decode(members["flac"])
-                if sr != enc.sample_rate:
-                    raise ValueError(f"sample rate {sr} Hz, the model expects {enc.sample_rate} Hz (re-shard "
-                                     f"with --sample-rate {enc.sample_rate})")
-                audio = audio_io.set_channels(audio, enc.channels)
-            except ValueError as e:
-                rejects.append({"id": url, "key": key, "reason": str(e)})
+        for key, window, md in loader:
+            if window is None:
+                rejects.append({"id": url, "key": key, "reason": md})
                 continue
-            for suffix, piece, md in windows_of(audio, meta, sample_size, ratio, enc.sample_rate):
-                pending.append((key + suffix, piece, md))
-                if len(pending) == args.batch_size:
-                    flush()
+            pending.append((key, window, md))
+            if len(pending) == args.batch_size:
+                flush()
         if pending:
             flush()
     return [s.to_dict() for s in writer.shards], rejects
@@ -245,7 +272,9 @@ def commit(args, slot) -> mf.Manifest:
 
 
 def _args_dict(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("debug", "command", "task_index", "num_tasks")}
+    # Only what decides the output; workers and task layout may change between a crash and its re-run.
+    return {k: v for k, v in vars(args).items()
+            if k not in ("debug", "command", "task_index", "num_tasks", "num_workers")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=None, help="window length in samples (default: the config's)")
     p.add_argument("--batch-size", type=int, default=8, help="windows encoded at once")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute dtype of the encoder")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="DataLoader processes decoding audio while the device encodes (0: decode inline)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--format", choices=("cantus", "sat"), default="cantus",
                    help="sat also writes SAT's pre_encoded layout (.npy + .json per sample)")
