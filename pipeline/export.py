@@ -39,14 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fetch(url: str, folder: str) -> str:
-    if not storage.is_s3(url):
-        return url
-    path = os.path.join(folder, os.path.basename(url))
-    storage.download(url, path)
-    return path
-
-
 def _raw_weights(tag_url: str, work: str) -> dict[str, torch.Tensor]:
     """fp32 weights consolidated from the DeepSpeed checkpoint's ZeRO partitions (ZeRO 1-3)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -70,10 +62,10 @@ def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool
     src = args.checkpoint.rstrip("/")
     tag_url = None
     if src.endswith(".safetensors"):
-        path = _fetch(src, work)
+        path = storage.local_path(src, work)
     elif src.endswith(".json"):
         entry = manifest.read_ledger(src).at_step(args.step)
-        path = _fetch(entry.export_url, work)
+        path = storage.local_path(entry.export_url, work)
         with open(path, "rb") as f:
             got = manifest.sha256_bytes(f.read())
         if got != entry.export_sha256:
@@ -82,7 +74,7 @@ def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool
         tag_url = entry.checkpoint_url
     else:
         tag_url = src
-        path = _fetch(storage.join(src, EXPORT_NAME), work)
+        path = storage.local_path(storage.join(src, EXPORT_NAME), work)
     tensors, config, meta = read_export(path)
     ema = meta.get("cantus_weights", "raw") == "ema"
     if args.no_ema and ema:

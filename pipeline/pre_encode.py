@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -72,7 +73,7 @@ def load_encoder(args) -> Encoder:
     if args.dry_run:
         weights_sha = None
     else:
-        weights_sha = load_autoencoder_weights(pretransform.model, _local_copy(weights_url))
+        weights_sha = load_autoencoder_weights(pretransform.model, storage.local_path(weights_url, tempfile.mkdtemp(prefix="cantus-vae-")))
     fold_weight_norm(pretransform.model, inplace=True)  # bf16/fp16 work on plain convolutions (SAT #131)
     dtype = DTYPES[args.dtype]
     pretransform.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
@@ -92,16 +93,6 @@ def resolve_weights_url(url: str) -> str:
     if url.endswith("manifest.json"):
         return mf.read_ledger(url).at_step().export_url
     return url
-
-
-def _local_copy(url: str) -> str:
-    """Checkpoints are read by path; an s3:// one is downloaded once into a temp folder."""
-    if not storage.is_s3(url):
-        return url
-    import tempfile
-    path = f"{tempfile.mkdtemp(prefix='cantus-vae-')}/{url.rsplit('/', 1)[-1]}"
-    storage.download(url, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- one input shard

@@ -122,11 +122,7 @@ def load_checkpoint_weights(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[t
     from pipeline.distributed.checkpoint import read_export  # imported here: planning needs no checkpoint reader
 
     with tempfile.TemporaryDirectory(prefix="cantus-checkpoint-") as tmp:
-        path = checkpoint.url
-        if storage.is_s3(path):
-            path = os.path.join(tmp, "checkpoint.safetensors")
-            storage.download(checkpoint.url, path)
-        tensors, _, _ = read_export(path)
+        tensors, _, _ = read_export(storage.local_path(checkpoint.url, tmp))
     model = create_model_from_config(cfg)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -253,6 +253,17 @@ def download(url: str, local_path: str) -> None:
         write(local_path, f)
 
 
+def local_path(url: str, folder: str) -> str:
+    """A local path holding ``url``'s bytes: the path itself for a local URL, else a copy downloaded once
+    into ``folder`` (for readers that need a file: safetensors, torch, tar random access)."""
+    if not is_s3(url):
+        return url
+    path = os.path.join(folder, url.removeprefix("s3://").replace("/", "__"))
+    if not os.path.exists(path):  # download() is atomic: a file that exists is complete
+        download(url, path)
+    return path
+
+
 def sha256_url(url: str) -> str:
     """Hex sha256 of an object's bytes, streamed."""
     h = hashlib.sha256()

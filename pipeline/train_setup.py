@@ -30,12 +30,7 @@ def scratch_dir(args) -> str:
 
 def local_copy(url: str, scratch: str) -> str:
     """A local path for a weights URL (S3 objects are downloaded once into `scratch`)."""
-    if not storage.is_s3(url):
-        return url
-    path = os.path.join(scratch, "weights", url.removeprefix("s3://").replace("/", "__"))
-    if not os.path.exists(path):
-        storage.download(url, path)
-    return path
+    return storage.local_path(url, os.path.join(scratch, "weights"))
 
 
 def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch: str, verify: bool = True

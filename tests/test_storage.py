@@ -207,3 +207,13 @@ def test_s3_objects_carry_their_content_type(s3_bucket):
         storage.write(url, b"x")
         bucket, key = _split(url)
         assert _client().head_object(Bucket=bucket, Key=key)["ContentType"] == kind
+
+
+def test_local_path_is_the_path_itself_or_one_download(store_url, tmp_path):
+    url = storage.join(store_url, "weights", "vae.safetensors")
+    storage.write(url, b"abc")
+    first = storage.local_path(url, str(tmp_path / "cache"))
+    assert open(first, "rb").read() == b"abc"
+    assert (first == url) == (not storage.is_s3(url))
+    storage.write(url, b"changed")  # a cached copy is not fetched again
+    assert storage.local_path(url, str(tmp_path / "cache")) == first

@@ -171,12 +171,7 @@ class ShardDataset(torch.utils.data.Dataset):
         return self._indices[s]
 
     def _local(self, url: str) -> str:
-        if not storage.is_s3(url):
-            return url
-        path = os.path.join(self.cache_dir, url.removeprefix("s3://").replace("/", "__"))
-        if not os.path.exists(path):  # download() is atomic: a file that exists is complete
-            storage.download(url, path)
-        return path
+        return storage.local_path(url, self.cache_dir)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         epoch, g = item
