@@ -26,7 +26,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.5"],
         "xtransformers": ["x-transformers>=1.27"],
-        "test": ["pytest>=8", "scipy>=1.11", "x-transformers>=1.27", "pillow>=10"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.11", "x-transformers>=1.27", "pillow>=10"],
         "demo": ["music21>=9.1", "pyfluidsynth>=1.3", "scipy>=1.11"],
     },
 )

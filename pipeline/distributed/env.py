@@ -125,7 +125,10 @@ def export(denv: DistEnv, environ: MutableMapping[str, str] | None = None) -> No
     env["RANK"] = str(denv.rank)
     env["LOCAL_RANK"] = str(denv.local_rank)
     env["WORLD_SIZE"] = str(denv.world_size)
-    env["LOCAL_SIZE"] = str(denv.local_world_size)  # DeepSpeed's CPU accelerator counts its devices from it
+    # No LOCAL_SIZE (the deepspeed launcher sets it): with LOCAL_SIZE equal to the world size, DeepSpeed's
+    # CPU backend maps a 69 MB /dev/shm buffer per rank for its inference all-reduce (which training never
+    # calls) and never unlinks it; a small /dev/shm (64 MB in a default container) crashes the rank.
+    env.pop("LOCAL_SIZE", None)
     env["MASTER_ADDR"] = denv.master_addr
     env["MASTER_PORT"] = str(denv.master_port)
 
@@ -146,8 +149,8 @@ def init_process_group(denv: DistEnv) -> None:
         torch.cuda.set_device(device_for(denv))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    logger.info("distributed: rank %d/%d local_rank %d via %s, master %s:%d", denv.rank, denv.world_size,
-                denv.local_rank, denv.launcher, denv.master_addr, denv.master_port)
+    logger.info("distributed: rank %d/%d local_rank %d of %d via %s, master %s:%d", denv.rank, denv.world_size,
+                denv.local_rank, denv.local_world_size, denv.launcher, denv.master_addr, denv.master_port)
 
 
 def init_logging(rank: int, level: int = logging.INFO) -> None:

@@ -188,10 +188,20 @@ def launch(argv: list[str], *, world: int = 2, style: str = "torchrun", log_dir:
 
 
 def wait_all(procs, log_dir: str, timeout: float = 600) -> list[int]:
-    codes = []
-    for p in procs:
-        codes.append(p.wait(timeout=timeout))
-    return codes
+    """Exit codes, rank order. Past `timeout` seconds in all, every rank still running is killed (a rank
+    that died leaves its peers waiting at a collective) and the test fails with rank 0's log."""
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise AssertionError(f"ranks still running after {timeout:.0f} s, killed; rank 0's log:\n"
+                             + log_tail(log_dir, 0)) from None
 
 
 def log_tail(log_dir: str, rank: int = 0, n: int = 3000) -> str:
