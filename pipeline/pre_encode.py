@@ -73,7 +73,8 @@ def load_encoder(args) -> Encoder:
     if args.dry_run:
         weights_sha = None
     else:
-        weights_sha = load_autoencoder_weights(pretransform.model, storage.local_path(weights_url, tempfile.mkdtemp(prefix="cantus-vae-")))
+        with tempfile.TemporaryDirectory(prefix="cantus-vae-") as tmp:  # an S3 VAE is downloaded here
+            weights_sha = load_autoencoder_weights(pretransform.model, storage.local_path(weights_url, tmp))
     fold_weight_norm(pretransform.model, inplace=True)  # bf16/fp16 work on plain convolutions (SAT #131)
     dtype = DTYPES[args.dtype]
     pretransform.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
