@@ -5,7 +5,7 @@ reconstruction (encode, take the latent mean, decode) is compared with a fixed b
 same number of values per second: the audio resampled (soxr) down to ``latent_channels x latent rate``
 samples per second and back up. Both are scored against the input with SI-SDR (dB, higher is better) and
 the multi-resolution STFT distance (the demo VAE's own spectral loss, without A-weighting; lower is
-better).
+better). It also prints each latent channel's signal-to-noise ratio as the diffusion model sees it.
 
     python bench/vae_quality.py --vae <VAE train ledger or .safetensors> --data <audio manifest URL>
 """
@@ -59,6 +59,7 @@ def main() -> None:
     stft = MultiResolutionSTFTLoss([512, 256, 128, 64, 32], [128, 64, 32, 16, 8], [512, 256, 128, 64, 32])
 
     scores = {"vae": ([], []), "resample": ([], [])}
+    means, variances = [], []
     for entry in mf.read_manifest(args.data, stage="shard").outputs:
         for _key, members in iter_samples(entry["url"]):
             if len(scores["vae"][0]) >= args.max_clips:
@@ -66,7 +67,9 @@ def main() -> None:
             audio, _ = audio_io.decode(members["flac"])
             audio = audio[:, : audio.shape[-1] // auto.downsampling_ratio * auto.downsampling_ratio]
             with torch.inference_mode():
-                mean, _ = pretransform.encode_mean_std(torch.from_numpy(audio)[None])
+                mean, std = pretransform.encode_mean_std(torch.from_numpy(audio)[None])
+                means.append(mean[0])
+                variances.append(std[0].square())
                 vae = pretransform.model.decode(mean)[0].numpy()
             low = audio_io.resample(audio, cfg.sample_rate, int(values_per_second / cfg.audio_channels))
             base = audio_io.resample(low, int(values_per_second / cfg.audio_channels), cfg.sample_rate)
@@ -77,6 +80,13 @@ def main() -> None:
     n = len(scores["vae"][0])
     print(f"{n} held-out clips, {values_per_second:.0f} values/s kept by both "
           f"({auto.latent_dim} latent channels x {cfg.sample_rate / auto.downsampling_ratio:.1f} frames/s)")
+    # What the DiT sees is a posterior sample: a channel whose means vary less than its noise carries
+    # little. Per channel: variance of the means over all frames / mean posterior variance, in dB.
+    snr = torch.cat(means, -1).var(-1) / torch.cat(variances, -1).mean(-1)
+    snr_db = (10 * snr.log10()).sort(descending=True).values
+    print(f"latent SNR per channel (dB, best first): {' '.join(f'{v:.1f}' for v in snr_db.tolist())}")
+    # SAT's pretransform `scale` divides the latents: their std is the value that gives the DiT unit variance.
+    print(f"std of the latent means: {torch.cat(means, -1).std().item():.3f} (a pretransform `scale` for unit variance)")
     print(f"{'method':<10} {'SI-SDR dB':>12} {'MRSTFT':>10}")
     for name, (sdr, dist) in scores.items():
         print(f"{name:<10} {np.mean(sdr):>8.2f} ± {np.std(sdr) / np.sqrt(n):.2f} "
