@@ -240,3 +240,32 @@ def test_an_unconditional_model_gets_its_validation_loss_and_no_prompt_test(tmp_
     assert len(result["loss"]["true_loss"]) == 9 and "shuffled_loss" not in result["loss"]
     assert result["loss"]["note"].startswith("the model has no conditioner")
     assert result["audio"] == {"skipped": "the model is unconditional: there is no prompt to follow"}
+
+
+def test_reference_clips_pass_through_the_vae_at_the_models_rate_and_channels():
+    """`through_pretransform`: a stereo 8 kHz clip, for a mono 16 kHz VAE, comes back resampled, downmixed,
+    cut to whole latent frames, encoded with the seeded posterior sample and decoded, its labels kept."""
+    from pipeline.config import PretransformConfig, load_model_config
+    from pipeline.data import audio as audio_io
+    from pipeline.models.pretransforms import create_pretransform_from_config
+    from pipeline.report.scores import Clip
+    vae = {"encoder": {"type": "oobleck", "config": {"in_channels": 1, "channels": 4, "c_mults": [1, 2],
+                                                     "strides": [2, 2], "latent_dim": 8}},
+           "decoder": {"type": "oobleck", "config": {"out_channels": 1, "channels": 4, "c_mults": [1, 2],
+                                                     "strides": [2, 2], "latent_dim": 4}},
+           "bottleneck": {"type": "vae"}, "latent_dim": 4, "downsampling_ratio": 4, "io_channels": 1}
+    cfg = load_model_config({"model_type": "autoencoder", "sample_size": 64, "sample_rate": 16000,
+                             "audio_channels": 1, "model": vae})
+    torch.manual_seed(0)
+    pretransform = create_pretransform_from_config(
+        PretransformConfig(type="autoencoder", config=vae, scale=0.5, autoencoder=cfg.model.autoencoder), 16000, 1)
+    rng = np.random.default_rng(0)
+    clip = Clip(rng.uniform(-0.5, 0.5, (2, 1001)).astype(np.float32), 8000, "C major", "flute")
+    [out] = probe.through_pretransform(pretransform, [clip], cfg, "cpu", seed=3)
+    assert (out.sample_rate, out.key, out.instrument) == (16000, "C major", "flute")
+    x = audio_io.set_channels(audio_io.resample(clip.audio, 8000, 16000), 1)  # 2002 samples -> 2000
+    assert out.audio.shape == (1, 2000)
+    with torch.inference_mode():
+        z = pretransform.encode(torch.from_numpy(x[:, :2000])[None], generator=torch.Generator().manual_seed(3))
+        expected = pretransform.decode(z)[0].numpy()
+    np.testing.assert_allclose(out.audio, expected, rtol=0, atol=1e-6)

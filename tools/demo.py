@@ -84,10 +84,13 @@ def probe_summary(probe: dict) -> str:
              f"{'yes' if loss['uses_prompts'] else 'no'})"]
     audio = probe.get("audio") or {}
     for score in ("key", "instrument"):
-        if score in audio:
-            s = audio[score]
-            lines.append(f"  {score:<10} generated {s['generated']['mean']:.2f}  chance {s['chance']['mean']:.2f}  "
-                         f"real clips {s['ceiling']['mean']:.2f}")
+        s = audio.get(score) or {}
+        if "generated" in s:
+            row = f"  {score:<10} generated {s['generated']['mean']:.2f}  chance {s['chance']['mean']:.2f}"
+            for name, label in (("ceiling", "real clips"), ("through_vae", "real clips through the VAE")):
+                if (s.get(name) or {}).get("mean") is not None:
+                    row += f"  {label} {s[name]['mean']:.2f}"
+            lines.append(row)
     return "\n".join(lines)
 
 

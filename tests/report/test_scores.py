@@ -1,6 +1,7 @@
 """Key and instrument scores against synthetic music with known answers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,7 +145,29 @@ def test_prompt_following_puts_audio_that_follows_its_prompts_at_the_ceiling_and
     assert result["per_clip"][1] == {"key_prompted": "C major", "key_estimated": "C major",
                                      "instrument_predicted": "brass", "instrument_prompted": "brass"}
     table = scores.format_table(result)
-    assert "key (MIREX)" in table and " 1.000 +- 0.000" in table
+    assert "key (MIREX)" in table and " 1.000 +- 0.000" in table and "through VAE" in table
+
+
+def test_generated_audio_is_classified_by_centroids_of_the_reference_clips_through_the_vae():
+    """A decoder that colours every sound (here hard saturation, which adds harmonics to the flute too)
+    moves generated audio away from the real clips' centroids; centroids of the real clips through the
+    same decoder do not."""
+    rng = np.random.default_rng(4)
+    labels = [(k, i) for k in KEYS for i in ("flute", "brass")]
+    reference = [scores.Clip(music(k, i, rng), SR, k, i) for k, i in labels * 2]
+    def decoder(audio):
+        return np.tanh(10 * audio / np.abs(audio).max())
+    through = [dataclasses.replace(c, audio=decoder(c.audio)) for c in reference]
+    generated = [scores.Clip(decoder(music(k, i, rng)), SR, k, i) for k, i in labels]
+    shuffled = generated[1:] + generated[:1]
+    plain = scores.prompt_following(generated, shuffled, reference)
+    result = scores.prompt_following(generated, shuffled, reference, through)
+    assert plain["instrument"]["fitted_on"] == "reference" and "through_vae" not in plain["instrument"]
+    assert result["instrument"]["fitted_on"] == "through_vae"
+    assert result["instrument"]["generated"]["mean"] == 1.0 and plain["instrument"]["generated"]["mean"] <= 0.5
+    assert result["instrument"]["through_vae"]["mean"] > 0.75
+    assert result["instrument"]["ceiling"] == plain["instrument"]["ceiling"]  # real clips, their own classifier
+    assert result["key"]["through_vae"]["n"] == len(through) and "through VAE" in scores.format_table(result)
 
 
 def test_prompt_following_without_a_reference_scores_keys_and_skips_the_instrument():
