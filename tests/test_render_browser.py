@@ -52,6 +52,7 @@ window.addEventListener("load", async () => {
 def chromium(*args: str, user_data_dir: str) -> str:
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage",  # a container's /dev/shm is often 64 MB
                f"--user-data-dir={user_data_dir}", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
