@@ -82,11 +82,12 @@ def main() -> None:
           f"({auto.latent_dim} latent channels x {cfg.sample_rate / auto.downsampling_ratio:.1f} frames/s)")
     # What the DiT sees is a posterior sample: a channel whose means vary less than its noise carries
     # little. Per channel: variance of the means over all frames / mean posterior variance, in dB.
-    snr = torch.cat(means, -1).var(-1) / torch.cat(variances, -1).mean(-1)
+    means = torch.cat(means, -1)  # (channels, all frames of all clips)
+    snr = means.var(-1) / torch.cat(variances, -1).mean(-1)
     snr_db = (10 * snr.log10()).sort(descending=True).values
     print(f"latent SNR per channel (dB, best first): {' '.join(f'{v:.1f}' for v in snr_db.tolist())}")
     # SAT's pretransform `scale` divides the latents: their std is the value that gives the DiT unit variance.
-    print(f"std of the latent means: {torch.cat(means, -1).std().item():.3f} (a pretransform `scale` for unit variance)")
+    print(f"std of the latent means: {means.std().item():.3f} (a pretransform `scale` for unit variance)")
     print(f"{'method':<10} {'SI-SDR dB':>12} {'MRSTFT':>10}")
     for name, (sdr, dist) in scores.items():
         print(f"{name:<10} {np.mean(sdr):>8.2f} ± {np.std(sdr) / np.sqrt(n):.2f} "

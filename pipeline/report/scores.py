@@ -273,23 +273,23 @@ def prompt_following(generated: list[Clip], shuffled: list[Clip], reference: lis
     per_clip = [{"key_prompted": c.key, "key_estimated": str(e)} for c, e in zip(generated, estimated)]
     real = [c for c in (reference or []) if c.instrument is not None]
     decoded = [c for c in (through_vae or []) if c.instrument is not None]
-    if reference:
-        out["key"]["ceiling"] = mean_se([_key_score(estimate_key(c.audio, c.sample_rate), c.key) for c in reference])
-    if through_vae:
-        out["key"]["through_vae"] = mean_se([_key_score(estimate_key(c.audio, c.sample_rate), c.key)
-                                             for c in through_vae])
+    for name, clips in (("ceiling", reference), ("through_vae", through_vae)):
+        if clips:  # each clip's key against its own label
+            out["key"][name] = mean_se([_key_score(estimate_key(c.audio, c.sample_rate), c.key) for c in clips])
     if len({c.instrument for c in real}) < 2:
         out["instrument"] = {"skipped": "needs --reference with real clips of at least 2 instruments"}
     else:
+        def features(clips: list[Clip]) -> np.ndarray:
+            return np.stack([timbre_features(c.audio, c.sample_rate) for c in clips])
+
         def fit(clips: list[Clip]) -> NearestCentroid:
-            return NearestCentroid(np.stack([timbre_features(c.audio, c.sample_rate) for c in clips]),
-                                   [c.instrument for c in clips])
+            return NearestCentroid(features(clips), [c.instrument for c in clips])
 
         def loo(classifier: NearestCentroid, clips: list[Clip]) -> dict:
             return mean_se([float(p == c.instrument) for p, c in zip(classifier.leave_one_out(), clips)])
         on_real = fit(real)
         classifier = fit(decoded) if len({c.instrument for c in decoded}) >= 2 else on_real
-        predicted = classifier.predict(np.stack([timbre_features(c.audio, c.sample_rate) for c in generated]))
+        predicted = classifier.predict(features(generated))
 
         def hits(labels: list[Clip]) -> list[float | None]:
             return [None if c.instrument not in classifier.classes else float(p == c.instrument)
