@@ -1,6 +1,7 @@
-"""Shard-stage throughput: seconds of audio sharded per second on one core, and where the time goes.
+"""Shard-stage throughput and peak memory: audio seconds per second on one core, where the time goes,
+and the peak RSS of the stage on one long source.
 
-    OMP_NUM_THREADS=1 python bench/shard.py [--files 16] [--seconds 30] [--input DIR]
+    OMP_NUM_THREADS=1 python bench/shard.py [--files 16] [--seconds 30] [--input DIR] [--rss-hours 1]
 
 Input: 44.1 kHz stereo FLAC (synthesised music-like tones with envelopes and noise, or the FLAC files
 under ``--input``), output 48 kHz stereo, as a real run would reshape a CD-rate collection. Two
@@ -8,7 +9,10 @@ measurements on one process (one core):
 1. the phases one by one over the same files: decode, resample (soxr HQ), encode (FLAC 16-bit), write
    (tar + sha256 + local upload);
 2. the stage itself end to end (`python -m pipeline.shard`, plan + run + commit), which is the number
-   that matters; the goal is >= 100x real time per core.
+   that matters; the goal is >= 100x real time per core;
+3. peak RSS (``ru_maxrss`` of the stage's own process, `os.wait4`) of ``python -m pipeline.shard`` on one
+   synthesised source of ``--rss-hours`` hours (44.1 kHz stereo 16-bit WAV, written block by block to a
+   temp folder), as one sample and cut into 30 s windows, at 44.1 and 48 kHz out; goal under 1 GiB.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,7 @@ from pipeline.data.shards import ShardWriter  # noqa: E402
 from pipeline.shard import main as shard_main  # noqa: E402
 
 SR_IN, SR_OUT = 44100, 48000
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def music_like(seconds: float, seed: int) -> np.ndarray:
@@ -61,6 +67,50 @@ def make_inputs(folder: str, files: int, seconds: float) -> list[str]:
             f.write(f"bench track {i}")
         paths.append(path)
     return paths
+
+
+def long_wav(path: str, hours: float) -> float:
+    """Write ``hours`` of music-like 44.1 kHz stereo as a 16-bit WAV, a minute at a time; -> seconds."""
+    minutes = max(1, round(hours * 60))
+    with sf.SoundFile(path, "w", SR_IN, 2, format="WAV", subtype="PCM_16") as f:
+        for m in range(minutes):
+            f.write(music_like(60.0, m))
+    with open(path[:-4] + ".txt", "w") as f:
+        f.write("one long bench source")
+    return minutes * 60.0
+
+
+def peak_rss(src: str, out: str, *extra: str) -> tuple[float, float, int]:
+    """Run the stage in a child process; -> (peak RSS in GiB, wall seconds, exit code)."""
+    argv = [sys.executable, "-m", "pipeline.shard", "--input", src, "--output", out, *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+    proc.stderr.close()
+    if proc.returncode:
+        print(f"   exit {proc.returncode}: {err[-1] if err else ''}")
+    shutil.rmtree(out, ignore_errors=True)
+    return usage.ru_maxrss / 2 ** 20, wall, proc.returncode
+
+
+def rss_table(tmp: str, hours: float) -> None:
+    src = os.path.join(tmp, "long")
+    os.makedirs(src)
+    t = time.perf_counter()
+    seconds = long_wav(os.path.join(src, "long.wav"), hours)
+    print(f"\npeak RSS on one {seconds / 3600:.2f} h 44.1 kHz stereo 16-bit WAV "
+          f"({os.path.getsize(os.path.join(src, 'long.wav')) / 2 ** 20:.0f} MiB, written in "
+          f"{time.perf_counter() - t:.0f} s); goal < 1 GiB")
+    print(f"{'output':<30}{'peak RSS GiB':>14}{'wall s':>9}{'exit':>6}")
+    for label, extra in (("44.1 kHz, one sample", []),
+                         ("44.1 kHz, 30 s windows", ["--window-seconds", "30"]),
+                         ("48 kHz, 30 s windows", ["--window-seconds", "30", "--sample-rate", "48000"])):
+        rss, wall, code = peak_rss(src, os.path.join(tmp, "rss-out"), *extra)
+        print(f"{label:<30}{rss:>14.2f}{wall:>9.0f}{code:>6}")
 
 
 def phases(paths: list[str], tmp: str) -> tuple[dict[str, float], float]:
@@ -94,9 +144,14 @@ def main() -> None:
     p.add_argument("--files", type=int, default=16, help="number of synthesised input files")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each synthesised file")
     p.add_argument("--input", default=None, help="use the .flac files under this folder instead")
+    p.add_argument("--rss-hours", type=float, default=1.0, help="length of the peak-RSS source; 0: skip")
+    p.add_argument("--rss-only", action="store_true", help="only the peak-RSS table")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="cantus-bench-shard-")
     try:
+        if args.rss_only:
+            rss_table(tmp, args.rss_hours)
+            return
         if args.input:
             paths = sorted(glob.glob(os.path.join(args.input, "**", "*.flac"), recursive=True))
             src = args.input
@@ -121,6 +176,8 @@ def main() -> None:
         print(f"\nstage end to end (plan + run + commit, one process): {audio_seconds:.0f} s of audio in "
               f"{wall:.2f} s = {audio_seconds / wall:.0f}x real time per core "
               f"(process CPU so far {cpu.user + cpu.system:.1f} s; goal >= 100x)")
+        if args.rss_hours > 0:
+            rss_table(tmp, args.rss_hours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

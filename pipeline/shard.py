@@ -9,7 +9,11 @@ With one task and no SLURM array, ``run`` plans and commits by itself.
 
 Each source file is all or nothing: it is decoded, resampled (soxr HQ), set to ``--channels``, cut into
 ``--window-seconds`` windows, and its samples are written only if the whole file decoded. A file that
-gives no sample, and every dropped window, is a line in ``rejects.jsonl`` with its reason.
+gives no sample, and every dropped window, is a line in ``rejects.jsonl`` with its reason. Memory is
+bounded on any input: sources are decoded and resampled in blocks and each window is encoded as it
+completes into an on-disk spool (`pipeline.data.spool`). Rejected as well: a header rate outside
+[1, 384] kHz, a source longer than ``--max-seconds``, samples peaking above +6 dBFS (float audio on the
+wrong scale), a file that runs out of memory, and the links and names `sources.discover` flags.
 
 A sample's JSON holds the caption's other fields (one named like a computed field becomes
 ``meta_<name>``) and: ``prompt``; ``offset_seconds`` (exact start of the window in the source);
@@ -26,12 +30,15 @@ content and nothing is duplicated or lost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
 
 from pipeline import manifest as mf
 from pipeline import storage
@@ -39,6 +46,7 @@ from pipeline.config import canonical_json
 from pipeline.data import audio as audio_io
 from pipeline.data import sources
 from pipeline.data.shards import ShardWriter
+from pipeline.data.spool import SampleSpool
 from pipeline.tasks import task_slot
 
 logger = logging.getLogger("pipeline.shard")
@@ -48,7 +56,7 @@ RESERVED = ("prompt", "offset_seconds", "seconds_start", "seconds_total", "durat
             "window_index")
 """Sample JSON fields the stage computes; a metadata field with one of these names becomes ``meta_<name>``."""
 OUTPUT_ARGS = ("input", "captions", "sample_rate", "channels", "window_seconds", "min_seconds", "silence_db",
-               "val_fraction", "shard_size_mb")
+               "val_fraction", "shard_size_mb", "max_seconds")
 """Arguments that change what is written; every task of one output must agree on them."""
 
 
@@ -59,11 +67,17 @@ class ShardStageError(RuntimeError):
 # ------------------------------------------------------------------------------------- one source
 
 
-def process_source(item: dict, args: argparse.Namespace) -> tuple[list, list[dict], float]:
-    """-> (samples ``[(key, {"flac", "json"}, seconds)]``, reject records, seconds of source audio)."""
+def process_source(item: dict, args: argparse.Namespace) -> tuple[Iterable, list[dict], float]:
+    """-> (samples ``(key, {"flac", "json"}, seconds)``, reject records, seconds of source audio).
+
+    Memory stays bounded whatever the source's length: it is read from disk in blocks (an S3 source is
+    downloaded to a temp file first) and each window is encoded as it completes into a `SampleSpool`.
+    """
     def reject(reason: str, **extra) -> dict:
         return {"id": item["id"], "path": item["path"], "reason": reason, **extra}
 
+    if "problem" in item:  # found at plan time: a dangling link, a link loop, a name that is not UTF-8
+        return [], [reject(item["problem"])], 0.0
     try:
         caption = dict(item.get("caption") or {})
         if not caption and "sidecar" in item:
@@ -71,40 +85,72 @@ def process_source(item: dict, args: argparse.Namespace) -> tuple[list, list[dic
         if not caption.get("prompt"):
             where = "--captions" if args.captions else "a .txt/.json sidecar"
             return [], [reject(f"no caption (none in {where})")], 0.0
-        stream = audio_io.stream_windows(storage.read_bytes(item["url"]), args.sample_rate, args.channels,
-                                         args.window_seconds)
-        windows = list(stream)  # all or nothing: a decode error in the last block rejects the file
+        with _local_file(item["url"]) as path:
+            return _source_samples(path, item, caption, args, reject)
     except (ValueError, storage.NotFoundError) as e:  # AudioError, CaptionError, vanished since plan
         return [], [reject(str(e))], 0.0
+    except MemoryError:  # one file's failure, not the task's: the spool and blocks are freed by now
+        return [], [reject("out of memory while decoding this file; set --max-seconds to reject long "
+                           "sources, or --window-seconds")], 0.0
+
+
+def _source_samples(path: str, item: dict, caption: dict, args: argparse.Namespace, reject) -> tuple:
+    stream = audio_io.stream_windows(path, args.sample_rate, args.channels, args.window_seconds,
+                                     args.max_seconds)
+    spool, rejects, encoder = SampleSpool(), [], None
+    try:
+        for piece in stream.pieces():  # all or nothing: a decode error in the last block rejects the file
+            encoder = encoder or audio_io.FlacEncoder(args.sample_rate, args.channels)
+            encoder.write(piece.audio)
+            if not piece.last:
+                continue
+            key = sources.sample_key(item["path"], piece.index)
+            seconds, level = encoder.frames / args.sample_rate, encoder.level_dbfs
+            if seconds < args.min_seconds:
+                rejects.append(reject(f"window of {seconds:.3f} s < --min-seconds {args.min_seconds}", key=key))
+            elif level < args.silence_db:
+                rejects.append(reject(f"silent: {level:.1f} dBFS < --silence-db {args.silence_db}", key=key))
+            else:
+                offset = stream.offset_seconds(piece.index)
+                spool.add(key, encoder.finish(), {"offset_seconds": offset, "seconds_start": math.floor(offset),
+                                                  "duration": seconds, "window_index": piece.index}, seconds)
+            encoder.discard()
+            encoder = None
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        if encoder is not None:
+            encoder.discard()
     info, seconds_total = stream.info, stream.source_seconds
     if seconds_total < args.min_seconds:
+        spool.close()
         return [], [reject(f"too short: {seconds_total:.3f} s < --min-seconds {args.min_seconds}")], 0.0
-    meta = {(f"meta_{k}" if k in RESERVED else k): v for k, v in caption.items() if k != "prompt"}
-    samples, rejects = [], []
-    for w in windows:
-        key = sources.sample_key(item["path"], w.index)
-        seconds = w.audio.shape[1] / args.sample_rate
-        if seconds < args.min_seconds:
-            rejects.append(reject(f"window of {seconds:.3f} s < --min-seconds {args.min_seconds}", key=key))
-            continue
-        level = audio_io.rms_dbfs(w.audio)
-        if level < args.silence_db:
-            rejects.append(reject(f"silent: {level:.1f} dBFS < --silence-db {args.silence_db}", key=key))
-            continue
-        doc = dict(meta, prompt=caption["prompt"], offset_seconds=w.offset_seconds,
-                   seconds_start=math.floor(w.offset_seconds), seconds_total=math.ceil(seconds_total),
-                   duration=seconds, source=item["url"], source_path=item["path"],
-                   source_duration=seconds_total, original_sample_rate=info.sample_rate,
-                   original_channels=info.channels, sample_rate=args.sample_rate, channels=args.channels,
-                   window_index=w.index)
-        members = {"flac": audio_io.encode_flac(w.audio, args.sample_rate),
-                   "json": json.dumps(doc, ensure_ascii=False, sort_keys=True).encode()}
-        samples.append((key, members, seconds))
-    if not samples:
+    if not spool:
+        spool.close()
         silent = sum(r["reason"].startswith("silent") for r in rejects)
         rejects.append(reject(f"no sample left: {silent} silent and {len(rejects) - silent} too short "
                               "windows (see their records)"))
-    return samples, rejects, seconds_total
+        return [], rejects, seconds_total
+    meta = {(f"meta_{k}" if k in RESERVED else k): v for k, v in caption.items() if k != "prompt"}
+    common = dict(meta, prompt=caption["prompt"], seconds_total=math.ceil(seconds_total), source=item["url"],
+                  source_path=item["path"], source_duration=seconds_total, original_sample_rate=info.sample_rate,
+                  original_channels=info.channels, sample_rate=args.sample_rate, channels=args.channels)
+    return spool.samples(common), rejects, seconds_total
+
+
+@contextlib.contextmanager
+def _local_file(url: str) -> Iterator[str]:
+    """A local path holding ``url``: itself, or an S3 object downloaded to a temp folder (soundfile
+    seeks, and a download keeps memory flat however long the source is)."""
+    if not storage.is_s3(url):
+        storage.stat(url)  # NotFoundError for a file that vanished since plan
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="cantus-source-") as tmp:
+        path = os.path.join(tmp, "source")
+        storage.download(url, path)
+        yield path
 
 
 # ------------------------------------------------------------------------------------- plan/run/commit
@@ -265,6 +311,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cut sources into windows of this length (seconds); unset: one sample per file")
     p.add_argument("--min-seconds", type=float, default=1.0,
                    help="reject sources and windows shorter than this (seconds)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="reject sources longer than this (seconds); unset: no limit. Memory does not grow with "
+                        "a source's length, except that without --window-seconds its one sample's FLAC "
+                        "is held in memory while it goes into the tar")
     p.add_argument("--silence-db", type=float, default=-60.0,
                    help="reject windows whose RMS level is below this (dBFS; SAT uses -60)")
     p.add_argument("--max-reject-fraction", type=float, default=0.05,
@@ -279,9 +329,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, low, high in (("val_fraction", 0, 1), ("max_reject_fraction", 0, 1)):
         if not low <= getattr(args, name) <= high:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be in [{low}, {high}]")
-    if args.sample_rate < 1000 or args.shard_size_mb <= 0 or args.min_seconds < 0 or (
-            args.window_seconds is not None and args.window_seconds <= 0):
-        p.error("--sample-rate must be >= 1000, --shard-size-mb and --window-seconds > 0, --min-seconds >= 0")
+    if not audio_io.MIN_SAMPLE_RATE <= args.sample_rate <= audio_io.MAX_SAMPLE_RATE or args.shard_size_mb <= 0 \
+            or args.min_seconds < 0 or any(v is not None and v <= 0 for v in (args.window_seconds, args.max_seconds)):
+        p.error(f"--sample-rate must be in [{audio_io.MIN_SAMPLE_RATE}, {audio_io.MAX_SAMPLE_RATE}], "
+                "--shard-size-mb, --window-seconds and --max-seconds > 0, --min-seconds >= 0")
     if not storage.is_s3(args.input):
         args.input = os.path.abspath(args.input)
         if not os.path.isdir(args.input):
