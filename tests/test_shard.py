@@ -10,13 +10,16 @@ import math
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from pipeline import manifest as mf
 from pipeline import storage
@@ -273,3 +276,145 @@ def test_sample_json_carries_metadata_without_overwriting_computed_fields(tmp_pa
     assert (meta["prompt"], meta["mood"], meta["meta_offset_seconds"], meta["offset_seconds"]) == \
         ("calm tone", "calm", "99", 0.0)
     assert np.abs(audio_io.decode(flac)[0]).max() > 0.1
+
+
+# ------------------------------------------------------------------------------------- hostile inputs
+
+
+def run_stage(argv: list[str]) -> tuple[int, float, str]:
+    """``python -m pipeline.shard`` in a child; -> (exit code, the child's own peak RSS in GiB, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.shard", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode()  # read before waiting: a full pipe would block the child
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone (ru_maxrss in KiB on Linux)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    return proc.returncode, usage.ru_maxrss / 2 ** 20, err
+
+
+def test_a_one_hour_source_shards_with_peak_rss_under_one_gib(tmp_path):
+    """Before blocks and the spool, this source needed 2.3 GiB with 30 s windows (4.6 GiB as one sample)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    # One hour of 44.1 kHz stereo 16-bit WAV (606 MiB): a 7 s phrase of tones repeated, so writing is fast.
+    phrase = np.concatenate([generate.tone(1.0, 44100, 2, freq=110 * 2 ** (k / 5)) for k in range(7)])
+    with sf.SoundFile(src / "hour.wav", "w", 44100, 2, format="WAV", subtype="PCM_16") as f:
+        for _ in range(3600 // 7):
+            f.write(phrase)
+        f.write(phrase[:(3600 % 7) * 44100])
+    (src / "hour.txt").write_text("an hour of tones")
+    code, rss, err = run_stage(["--input", str(src), "--output", str(out), "--window-seconds", "30"])
+    assert code == 0, err[-2000:]
+    m = mf.read_manifest(str(out / "manifest.json"))
+    assert (m.totals["samples"], m.totals["seconds"]) == (120, pytest.approx(3600.0))
+    assert rss < 1.0, f"peak RSS {rss:.2f} GiB"
+
+
+def test_hostile_files_are_rejects_with_their_reasons_and_the_rest_shards(tmp_path, caplog):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    (src / "real").mkdir(parents=True)
+    good = generate.encode(generate.tone(2.0, 16000), 16000, "WAV")
+    (src / "real" / "good.wav").write_bytes(good)
+    pcm = (3000 * np.sin(np.arange(20000) / 3)).astype("<i2").repeat(2).tobytes()  # 40 KB, stereo
+    fmt = struct.pack("<HHIIHH", 1, 2, 1, 4, 4, 16)  # PCM, 2 channels, 1 Hz, 4 bytes/s, 4-byte frames, 16 bit
+    body = b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm
+    (src / "one_hz.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    scaled = generate.tone(2.0, 16000) * 32767  # int16 values stored as float
+    (src / "scaled.wav").write_bytes(generate.encode(scaled, 16000, "WAV", "FLOAT"))
+    (src / "long.wav").write_bytes(generate.encode(generate.tone(12.0, 8000), 8000, "WAV"))
+    os.symlink("loop_b.wav", src / "loop_a.wav")
+    os.symlink("loop_a.wav", src / "loop_b.wav")
+    os.symlink("gone.wav", src / "dangling.wav")
+    os.symlink(src / "real", src / "linked")
+    os.mkfifo(src / "fifo.wav")
+    latin1 = os.path.join(os.fsencode(src), b"\xe9t\xe9.wav")
+    with open(latin1, "wb") as f:
+        f.write(good)
+    for p in list(src.iterdir()) + [src / "real" / "good.wav"]:
+        if p.suffix == ".wav":
+            p.with_suffix(".txt").write_text("a caption")
+    with open(latin1[:-3] + b"txt", "w") as f:
+        f.write("a caption")
+    assert main(["--input", str(src), "--output", out, "--sample-rate", "16000", "--max-seconds", "10",
+                 "--max-reject-fraction", "1"]) == 0
+    reasons = {r["path"]: r["reason"] for r in read_rejects(out)}
+    assert reasons == {
+        "\\xe9t\\xe9.wav": f"file name is not valid UTF-8: {latin1!r}; rename it",
+        "dangling.wav": "dangling symbolic link (to 'gone.wav')",
+        "fifo.wav": "not a regular file (a FIFO, socket or device)",
+        "long.wav": "too long: the header says 12.0 s > --max-seconds 10.0",
+        "loop_a.wav": "symbolic link loop (too many levels of links)",
+        "loop_b.wav": "symbolic link loop (too many levels of links)",
+        "one_hz.wav": "sample rate 1 Hz in the header is outside [1000, 384000] Hz",
+        "scaled.wav": f"samples peak at {20 * math.log10(np.abs(scaled).max()):+.1f} dBFS (> +6 dBFS): a float file on the wrong scale? "
+                      "(16-bit output would clip it to a square wave)"}
+    assert [m["source_path"] for m, _ in read_samples(out).values()] == ["real/good.wav"]
+    assert "skipped 1 symbolic links to folders (not followed)" in caplog.text
+
+
+def test_running_out_of_memory_on_one_file_rejects_that_file_and_the_task_goes_on(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    for name in ("a.wav", "huge.wav", "z.wav"):
+        (src / name).write_bytes(generate.encode(generate.tone(2.0, 16000), 16000, "WAV"))
+        (src / name).with_suffix(".txt").write_text(f"caption of {name}")
+
+    class Huge(audio_io.WindowStream):  # one piece decodes, then an allocation fails part-way
+        def pieces(self):
+            yield next(super().pieces())
+            raise MemoryError
+
+    real = audio_io.stream_windows
+    monkeypatch.setattr(audio_io, "stream_windows", lambda path, *a: (Huge if path.endswith("huge.wav") else real)(path, *a))
+    assert main(["--input", str(src), "--output", out, "--sample-rate", "16000", "--max-reject-fraction", "0.5"]) == 0
+    assert [(r["path"], r["reason"][:30]) for r in read_rejects(out)] == [("huge.wav", "out of memory while decoding t")]
+    assert sorted(m["source_path"] for m, _ in read_samples(out).values()) == ["a.wav", "z.wav"]
+
+
+def test_two_input_names_equal_after_nfc_normalisation_stop_the_plan_naming_both(tmp_path, caplog, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for form in ("NFC", "NFD"):
+        (src / unicodedata.normalize(form, "Beyoncé.wav")).write_bytes(b"RIFF")
+    assert main(["--input", str(src), "--output", str(tmp_path / "out"), "plan"]) == 2
+    assert "same name after Unicode NFC normalisation" in caplog.text
+    assert repr(unicodedata.normalize("NFD", "Beyoncé.wav")) in caplog.text
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "out" / "_plan.json").exists()
+
+
+def test_a_nan_in_a_caption_row_is_one_line_naming_the_file_and_line(tmp_path, caplog, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.wav").write_bytes(generate.encode(generate.tone(2.0, 16000), 16000, "WAV"))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"path": "a.wav", "prompt": NaN}\n')
+    argv = ["--input", str(src), "--output", str(tmp_path / "out"), "--captions", str(captions)]
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"{captions}:1: NaN is not a JSON value; write null, a number or a string"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window_seconds", ["30", None])
+def test_a_few_minute_source_shards_like_whole_file_processing(tmp_path, window_seconds):
+    """Block-wise decode, streamed resampling and piecewise FLAC equal resampling the file in one go."""
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    src.mkdir()
+    x = np.concatenate([generate.tone(10.0, 44100, 2, freq=150 + 40 * k) for k in range(14)])  # 140 s
+    (src / "three.wav").write_bytes(generate.encode(x, 44100, "WAV", "PCM_16"))
+    (src / "three.txt").write_text("a few minutes")
+    extra = ["--window-seconds", window_seconds] if window_seconds else []
+    assert main(["--input", str(src), "--output", out, "--sample-rate", "48000", *extra]) == 0
+    samples = sorted(read_samples(out).values(), key=lambda s: s[0]["window_index"])
+    step = 30 * 48000 if window_seconds else None
+    whole = audio_io.resample(audio_io.decode(generate.encode(x, 44100, "WAV", "PCM_16"))[0], 44100, 48000)
+    assert len(samples) == (5 if step else 1)
+    for i, (meta, flac) in enumerate(samples):
+        audio, _ = audio_io.decode(flac)
+        want = whole[:, i * step:(i + 1) * step] if step else whole
+        assert audio.shape == want.shape
+        np.testing.assert_allclose(audio, np.clip(want, -1, 1), atol=1e-4)  # 16-bit steps are 3e-5
+        assert (meta["window_index"], meta["offset_seconds"], meta["seconds_start"]) == (i, 30.0 * i, 30 * i)
+        assert (meta["seconds_total"], meta["source_duration"]) == (140, pytest.approx(140.0))
+        assert meta["duration"] == want.shape[1] / 48000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -127,3 +128,94 @@ def test_window_frames_are_rounded_once():
     assert A.window_frames(1 / 3, 48000) == 16000
     with pytest.raises(ValueError, match="no frames"):
         A.window_frames(1e-6, 8000)
+
+
+def wav_header(sample_rate: int, channels: int, data: bytes) -> bytes:
+    """A hand-made 16-bit PCM WAV, so the header can claim any rate."""
+    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384001])
+def test_a_header_rate_outside_1_to_384_khz_is_refused_before_decoding(rate):
+    data = wav_header(rate, 2, np.full(20000, 1000, "<i2").tobytes())  # 40 KB
+    assert A.probe(data).sample_rate == rate
+    with pytest.raises(A.AudioError, match=f"sample rate {rate} Hz in the header is outside \\[1000, 384000\\]"):
+        A.stream_windows(data, 44100, 2, None)
+
+
+def test_the_rate_limits_themselves_are_accepted():
+    for rate in (1000, 384000):
+        data = wav_header(rate, 1, (1000 * np.sin(np.arange(rate // 2) / 3)).astype("<i2").tobytes())
+        (window,) = A.stream_windows(data, 16000, 1, None)
+        assert window.audio.shape == (1, 8000)
+
+
+def test_a_source_longer_than_max_seconds_is_refused_from_its_header():
+    data = wav(sine(440.0, 8000, 3.0), 8000, "PCM_16")
+    assert len(list(A.stream_windows(data, 8000, 1, 1.0, max_seconds=3.0))) == 3
+    with pytest.raises(A.AudioError, match="too long: the header says 3.0 s > --max-seconds 2.5"):
+        A.stream_windows(data, 8000, 1, 1.0, max_seconds=2.5)
+
+
+def test_float_audio_far_above_full_scale_is_refused_naming_the_peak():
+    x = sine(440.0, 8000, 1.0, level=0.5)
+    hot = wav(x * 1.4, 8000)  # +2.9 dBFS: a hot master, clipped on output
+    assert len(list(A.stream_windows(hot, 8000, 1, None))) == 1
+    scaled = wav(x * 32767, 8000)  # int16 values stored as float: +84.3 dBFS
+    with pytest.raises(A.AudioError, match=r"samples peak at \+84\.3 dBFS \(> \+6 dBFS\)"):
+        list(A.stream_windows(scaled, 8000, 1, None))
+
+
+@pytest.mark.parametrize("window_seconds", [None, 0.25, 1.0, 3.0])
+def test_pieces_are_bounded_and_join_into_the_windows(monkeypatch, window_seconds):
+    monkeypatch.setattr(A, "BLOCK_SAMPLES", 3000)  # tiny blocks: every window spans several pieces
+    data = wav(sine(330.0, 22050, 2.3, channels=2), 22050)
+    pieces = list(A.stream_windows(data, 16000, 1, window_seconds).pieces())
+    windows = list(A.stream_windows(data, 16000, 1, window_seconds))
+    assert max(p.audio.shape[1] for p in pieces) <= 3000
+    assert [p.index for p in pieces if p.last] == [w.index for w in windows]
+    for w in windows:
+        joined = np.concatenate([p.audio for p in pieces if p.index == w.index], axis=1)
+        np.testing.assert_array_equal(joined, w.audio)
+    whole = A.set_channels(A.resample(A.set_channels(A.decode(data)[0], 1), 22050, 16000), 1)
+    np.testing.assert_allclose(np.concatenate([w.audio for w in windows], axis=1), whole, atol=1e-4)
+
+
+def test_blocks_stay_bounded_for_many_channels_and_large_upsampling(monkeypatch):
+    seen = []
+    original = A.WindowStream._blocks
+
+    def spy(self):
+        for block in original(self):
+            seen.append(block.size)
+            yield block
+    monkeypatch.setattr(A.WindowStream, "_blocks", spy)
+    monkeypatch.setattr(A, "BLOCK_SAMPLES", 1 << 16)
+    data = wav(np.tile(sine(100.0, 1000, 20.0), (8, 1)), 1000, "PCM_16")  # 8 channels at 1 kHz
+    (window,) = A.stream_windows(data, 48000, 1, None)  # 48-fold upsampling
+    assert window.audio.shape == (1, 960000) and max(seen) <= 1 << 16
+
+
+def test_streamed_flac_is_byte_identical_to_one_shot_encoding_and_measures_the_level():
+    x = sine(440.0, 44100, 3.0, channels=2, level=0.9)
+    x[1, 100] = 1.3  # clipped the same way
+    enc = A.FlacEncoder(44100, 2)
+    for start in range(0, x.shape[1], 10007):
+        enc.write(x[:, start:start + 10007])
+    assert enc.frames == x.shape[1] and enc.level_dbfs == pytest.approx(A.rms_dbfs(x), abs=1e-9)
+    f = enc.finish()
+    assert f.read() == A.encode_flac(x, 44100)
+    enc.discard()
+
+
+def test_a_local_path_decodes_like_its_bytes(tmp_path):
+    data = wav(sine(440.0, 8000, 1.5), 8000, "PCM_16")
+    (tmp_path / "a.wav").write_bytes(data)
+    from_path = [w.audio for w in A.stream_windows(str(tmp_path / "a.wav"), 16000, 2, 1.0)]
+    from_bytes = [w.audio for w in A.stream_windows(data, 16000, 2, 1.0)]
+    assert len(from_path) == 2 and all(np.array_equal(a, b) for a, b in zip(from_path, from_bytes))
+    (tmp_path / "text.wav").write_text("not audio\n" * 50)
+    with pytest.raises(A.AudioError, match=r"^cannot decode: Format not recognised\.$"):
+        A.stream_windows(str(tmp_path / "text.wav"), 16000, 2, None)
