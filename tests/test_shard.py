@@ -347,8 +347,8 @@ def test_hostile_files_are_rejects_with_their_reasons_and_the_rest_shards(tmp_pa
         "loop_a.wav": "symbolic link loop (too many levels of links)",
         "loop_b.wav": "symbolic link loop (too many levels of links)",
         "one_hz.wav": "sample rate 1 Hz in the header is outside [1000, 384000] Hz",
-        "scaled.wav": f"samples peak at {20 * math.log10(np.abs(scaled).max()):+.1f} dBFS (> +6 dBFS): a float file on the wrong scale? "
-                      "(16-bit output would clip it to a square wave)"}
+        "scaled.wav": f"samples peak at {20 * math.log10(np.abs(scaled).max()):+.1f} dBFS (> +6 dBFS): a float "
+                      "file on the wrong scale? (16-bit output would clip it to a square wave)"}
     assert [m["source_path"] for m, _ in read_samples(out).values()] == ["real/good.wav"]
     assert "skipped 1 symbolic links to folders (not followed)" in caplog.text
 
@@ -366,9 +366,11 @@ def test_running_out_of_memory_on_one_file_rejects_that_file_and_the_task_goes_o
             raise MemoryError
 
     real = audio_io.stream_windows
-    monkeypatch.setattr(audio_io, "stream_windows", lambda path, *a: (Huge if path.endswith("huge.wav") else real)(path, *a))
+    monkeypatch.setattr(audio_io, "stream_windows",
+                        lambda path, *a: (Huge if path.endswith("huge.wav") else real)(path, *a))
     assert main(["--input", str(src), "--output", out, "--sample-rate", "16000", "--max-reject-fraction", "0.5"]) == 0
-    assert [(r["path"], r["reason"][:30]) for r in read_rejects(out)] == [("huge.wav", "out of memory while decoding t")]
+    (rejected,) = read_rejects(out)
+    assert rejected["path"] == "huge.wav" and rejected["reason"].startswith("out of memory while decoding this file")
     assert sorted(m["source_path"] for m, _ in read_samples(out).values()) == ["a.wav", "z.wav"]
 
 
