@@ -38,7 +38,7 @@ from pipeline.models import create_model_from_config
 from pipeline.render_plan import (Checkpoint, load_checkpoint_config, load_checkpoint_weights, plan_items, read_prompts,
                                   resolve_checkpoints)
 from pipeline.report.clips import clip_files
-from pipeline.report.page import Clip, render_page
+from pipeline.report.page import Clip, prompt_header, render_page
 from pipeline.tasks import task_slot
 
 logger = logging.getLogger("pipeline.render")
@@ -154,9 +154,7 @@ def page_html(items: list[dict]) -> str:
     clips = []
     for it in sorted(items, key=lambda it: (it["order"], it["cfg"], it["seed"])):
         meta = it["metadata"]
-        text = str(meta.get("prompt", it["prompt_id"]))
-        if "seconds_total" in meta:
-            text += f" ({meta.get('seconds_start', 0)}-{meta['seconds_total']} s)"
+        text = prompt_header(meta, it["prompt_id"], it["seconds"])
         if it["negative_metadata"] is not None:
             text += f" | negative: {it['negative_metadata'].get('prompt', '')}"
         clips.append(Clip(column=it["checkpoint"], prompt_id=it["prompt_id"], prompt=text, cfg_scale=it["cfg"],

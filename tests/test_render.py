@@ -11,6 +11,7 @@ import soundfile
 import renderkit
 from pipeline import manifest as mf
 from pipeline import render, storage
+from pipeline.report.spectrogram import FIGURE_PIXELS
 
 PROMPTS = [{"id": "flute", "prompt": "a solo flute", "seconds_start": 0, "seconds_total": 1,
             "negative_prompt": "noise"},
@@ -49,7 +50,7 @@ def test_render_writes_clips_page_and_manifest(store_url, config, tmp_path):
     audio, rate = flac(first["audio"])
     assert rate == 8000 and audio.shape == (80, 1)  # 0.01 s -> 20 latent frames x 4
     assert np.abs(audio).max() == 32767  # peak-normalised
-    assert renderkit.decode_png(storage.read_bytes(first["image"])).shape[0] == 128
+    assert renderkit.decode_png(storage.read_bytes(first["image"])).shape[:2] == FIGURE_PIXELS[::-1]
     info = json.loads(storage.read_bytes(first["json"]))
     assert info["prompt"] == "a solo flute" and info["negative_metadata"]["prompt"] == "noise"
     assert (info["seed"], info["cfg"], info["sampler"], info["steps"], info["checkpoint"]) == (1, 3.0, "v-ddim", 2, "tiny-a")
