@@ -90,7 +90,18 @@ def probe_summary(probe: dict) -> str:
             for name, label in (("ceiling", "real clips"), ("through_vae", "real clips through the VAE")):
                 if (s.get(name) or {}).get("mean") is not None:
                     row += f"  {label} {s[name]['mean']:.2f}"
+            if (s.get("generated_minus_chance") or {}).get("se"):
+                d = s["generated_minus_chance"]
+                row += f"  (generated - chance {d['mean']:+.3f} +- {d['se']:.3f}, z = {d['mean'] / d['se']:.1f})"
             lines.append(row)
+    spread = audio.get("spread") or {}
+    if "ratio" in spread:
+        lines.append(f"  clips differ between prompts {spread['ratio']:.2f}x as much as between seeds "
+                     f"({spread['chance_ratio']:.2f} if the prompt changed nothing)")
+    from pipeline.report.scores import format_confusion
+    for name, table in ((audio.get("instrument") or {}).get("confusion") or {}).items():
+        lines.append(format_confusion(f"  instrument confusion, {name.replace('_', ' ')} (rows: prompted, "
+                                      "columns: predicted)", table))
     return "\n".join(lines)
 
 
@@ -142,7 +153,7 @@ def main() -> int:
                     "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0"],
          render / "manifest.json", samples, "clips", 0),
         ("probe", [py, "-m", "pipeline.probe", "--checkpoint", str(dit_ledger), "--data",
-                   str(latents_val / "manifest.json"), "--reference", str(data), "--num-generate", "16",
+                   str(latents_val / "manifest.json"), "--reference", str(data), "--num-prompts", "8", "--seeds-per-prompt", "4",
                    "--out", str(out / "probe.json")],
          out / "probe.json", None, "items", 0),
     ]
