@@ -19,6 +19,7 @@ setup(
         "soxr>=0.3",
         "safetensors>=0.4",
         "wandb>=0.16",
+        "matplotlib>=3.7",  # spectrograms with axes on the report pages
         "tqdm>=4.66",
         "numpy>=1.24",
         "ninja>=1.11",  # DeepSpeed JIT-builds its C++ ops with it

@@ -15,8 +15,11 @@ Two checks a user can trust (SAT issues #26, #50, #63, #137 ask "is it learning?
    (nearest centroid fitted on the real clips of ``--reference DIR``) against the prompted ones, next to
    chance (the same audio against shuffled prompts) and two ceilings: the real clips against their own
    prompts, and the real clips passed through the model's VAE (generated audio comes out of that
-   decoder too; the instrument classifier for generated audio is fitted on these). See
-   `pipeline.report.scores`.
+   decoder too; the instrument classifier for generated audio is fitted on these). Prompts are taken in
+   turn from each instrument (``--num-prompts``), each generated with ``--seeds-per-prompt`` seeds, so
+   the report also says whether clips differ more between prompts than between seeds (the ratio of the
+   two in timbre features, next to its no-effect value) and shows per-class confusion tables for the
+   generated and the through-the-VAE clips. See `pipeline.report.scores`.
 
 Prints a table and writes the numbers as JSON (``--out``). Exit code 0 whatever the verdict: the probe
 reports, it does not judge a run.
@@ -236,16 +239,19 @@ def audio_scores(model: torch.nn.Module, cfg: ModelConfig, val: ValSet, frames: 
     """Generate from the val prompts that carry ``key`` and ``instrument`` and score them
     (`pipeline.report.scores.prompt_following`); ``{"skipped": reason}`` when that cannot be done."""
     from pipeline.generate import generate, latent_unit
-    if args.num_generate <= 0:
-        return {"skipped": "--num-generate 0"}
+    if args.num_prompts <= 0:
+        return {"skipped": "--num-prompts 0"}
     if getattr(model, "conditioner", None) is None:
         return {"skipped": "the model is unconditional: there is no prompt to follow"}
     usable = [i for i, m in enumerate(val.metadata) if m.get("key") is not None and m.get("instrument") is not None]
     if len(usable) < 2:
         return {"skipped": f"{len(usable)} of {len(val.metadata)} val clips carry 'key' and 'instrument' metadata "
                            "(the demo dataset's clips do); need at least 2"}
-    chosen = usable[:args.num_generate]
-    metas = [{k: v for k, v in val.metadata[i].items() if k != "__key__"} for i in chosen]
+    chosen = choose_prompts([val.metadata[i] for i in usable], args.num_prompts)
+    chosen = [usable[c] for c in chosen]
+    # Each prompt S times with S seeds: seed-to-seed spread is what the between-prompt spread is judged by.
+    clips = [(i, s) for i in chosen for s in range(args.seeds_per_prompt)]
+    metas = [{k: v for k, v in val.metadata[i].items() if k != "__key__"} for i, _ in clips]
     demo = cfg.training.demo
     steps = args.steps or (demo.demo_steps if demo is not None else 100)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (
@@ -253,7 +259,8 @@ def audio_scores(model: torch.nn.Module, cfg: ModelConfig, val: ValSet, frames: 
     unit = latent_unit(model)
     length = -(-frames // unit) * unit
     ratio = model.pretransform.downsampling_ratio if model.pretransform is not None else 1
-    logger.info("generating %d clips (%d steps, cfg %g) for the audio scores", len(metas), steps, cfg_scale)
+    logger.info("generating %d clips (%d prompts x %d seeds, %d steps, cfg %g) for the audio scores", len(metas),
+                len(chosen), args.seeds_per_prompt, steps, cfg_scale)
     audio = []
     for start in range(0, len(metas), args.batch_size):
         batch = metas[start:start + args.batch_size]
@@ -262,7 +269,7 @@ def audio_scores(model: torch.nn.Module, cfg: ModelConfig, val: ValSet, frames: 
         audio += [a.numpy() for a in out.audio]
     # Each clip is cut to the length of real audio in the val clip it takes its prompt from.
     generated = [scores.Clip(a[:, :val.valid[i] * ratio], cfg.sample_rate, m["key"], m["instrument"])
-                 for a, i, m in zip(audio, chosen, metas)]
+                 for a, (i, _), m in zip(audio, clips, metas)]
     perm = derangement([str(m.get("prompt")) for m in metas], args.seed + 1)
     shuffled = [scores.Clip(g.audio, g.sample_rate, metas[p]["key"], metas[p]["instrument"])
                 for g, p in zip(generated, perm)]
@@ -271,10 +278,31 @@ def audio_scores(model: torch.nn.Module, cfg: ModelConfig, val: ValSet, frames: 
     if reference and model.pretransform is not None:
         logger.info("passing %d reference clips through the VAE", len(reference))
         through_vae = through_pretransform(model.pretransform, reference, cfg, args.device, args.seed)
-    result = scores.prompt_following(generated, shuffled, reference, through_vae)
+    result = scores.prompt_following(generated, shuffled, reference, through_vae,
+                                     prompt_ids=[chosen.index(i) for i, _ in clips])
     result["settings"] = {"steps": steps, "cfg_scale": cfg_scale, "sampler": out.sampler, "length_frames": length,
+                          "prompts": len(chosen), "seeds_per_prompt": args.seeds_per_prompt,
                           "reference": args.reference, "reference_clips": len(reference or [])}
     return result
+
+
+def choose_prompts(metadata: list[dict], n: int) -> list[int]:
+    """Indices of up to ``n`` clips with distinct prompts, taken in turn from each instrument (in order of
+    first appearance), so the generated set covers as many instrument classes as the val set has."""
+    by_instrument: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for i, m in enumerate(metadata):
+        prompt = str(m.get("prompt"))
+        if prompt not in seen:
+            seen.add(prompt)
+            by_instrument.setdefault(str(m["instrument"]), []).append(i)
+    queues = list(by_instrument.values())
+    chosen: list[int] = []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return chosen
 
 
 def through_pretransform(pretransform, clips: list, cfg: ModelConfig, device: str, seed: int) -> list:
@@ -338,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-clips", type=int, default=256, help="val clips for the loss test")
     p.add_argument("--shuffle-keys", nargs="*", default=None, help="metadata keys to shuffle (default: every "
                    "conditioner id except seconds_start/seconds_total)")
-    p.add_argument("--num-generate", type=int, default=32, help="clips to generate for the audio scores (0: skip)")
+    p.add_argument("--num-prompts", type=int, default=8, help="distinct val prompts to generate from, taken in turn "
+                                                             "from each instrument (0: skip the audio scores)")
+    p.add_argument("--seeds-per-prompt", type=int, default=4, help="clips generated per prompt (seeds)")
     p.add_argument("--max-reference", type=int, default=400, help="real clips read from --reference")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: training.demo.demo_steps)")
     p.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the first demo_cfg_scales)")

@@ -38,7 +38,8 @@ from pipeline.models import create_model_from_config
 from pipeline.render_plan import (Checkpoint, load_checkpoint_config, load_checkpoint_weights, plan_items, read_prompts,
                                   resolve_checkpoints)
 from pipeline.report.clips import clip_files
-from pipeline.report.page import Clip, render_page
+from pipeline.render_refs import write_references
+from pipeline.report.page import Clip, Reference, prompt_header, render_page
 from pipeline.tasks import task_slot
 
 logger = logging.getLogger("pipeline.render")
@@ -150,13 +151,11 @@ def render_batch(args, model: torch.nn.Module, batch: list[dict], load_seconds: 
 # --------------------------------------------------------------------------------------------- commit
 
 
-def page_html(items: list[dict]) -> str:
+def page_html(items: list[dict], references: list[Reference] = ()) -> str:
     clips = []
     for it in sorted(items, key=lambda it: (it["order"], it["cfg"], it["seed"])):
         meta = it["metadata"]
-        text = str(meta.get("prompt", it["prompt_id"]))
-        if "seconds_total" in meta:
-            text += f" ({meta.get('seconds_start', 0)}-{meta['seconds_total']} s)"
+        text = prompt_header(meta, it["prompt_id"], it["seconds"])
         if it["negative_metadata"] is not None:
             text += f" | negative: {it['negative_metadata'].get('prompt', '')}"
         clips.append(Clip(column=it["checkpoint"], prompt_id=it["prompt_id"], prompt=text, cfg_scale=it["cfg"],
@@ -164,7 +163,20 @@ def page_html(items: list[dict]) -> str:
                           details=f"{it['sampler']}, {it['steps']} steps, {it['seconds']:.2f} s"))
     settings = sorted({(it["sampler"], it["steps"], it["seconds"]) for it in items})
     notes = [f"{len(items)} clips: " + "; ".join(f"{s} sampler, {n} steps, {sec:.2f} s" for s, n, sec in settings)]
-    return render_page("Cantus render", clips, notes)
+    return render_page("Cantus render", clips, notes, references)
+
+
+def reference_clips(args, items: list[dict]) -> list[Reference]:
+    """``--reference``: each prompt's nearest real clips, through the first checkpoint's VAE."""
+    first = items[0]
+    checkpoint = Checkpoint(name=first["checkpoint"], url=first["checkpoint_url"], step=first["step"],
+                            identity=first["checkpoint_identity"])
+    cfg = load_checkpoint_config(checkpoint, args.model_config)
+    prompts = {}
+    for it in sorted(items, key=lambda it: it["order"]):
+        prompts.setdefault(it["prompt_id"], it["metadata"])
+    return write_references(args.output, prompts, args.reference, args.references_per_prompt,
+                            load_model(checkpoint, cfg, args.device), cfg, args.device)
 
 
 def commit(args, num_tasks: int) -> mf.Manifest:
@@ -172,7 +184,8 @@ def commit(args, num_tasks: int) -> mf.Manifest:
     parts = [mf.read_part(args.output, k, num_tasks) for k in range(num_tasks)]
     if all(parts) and {i for p in parts for i in p.items} == {it["id"] for it in items}:
         # The page goes before the manifest, whose appearance means the stage is complete.
-        storage.write(storage.join(args.output, "index.html"), page_html(items).encode())
+        references = reference_clips(args, items) if args.reference else []
+        storage.write(storage.join(args.output, "index.html"), page_html(items, references).encode())
     checkpoints = {it["checkpoint"]: {"url": it["checkpoint_url"], "step": it["step"],
                                       "identity": it["checkpoint_identity"],
                                       "model_config_sha256": it["model_config_sha256"]} for it in items}
@@ -221,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: training.demo.demo_steps)")
     p.add_argument("--sampler", default=None, help="SAT sampler name (default: the demo sampler of the objective)")
     p.add_argument("--seconds", type=float, default=None, help="length of each clip (default: sample_size)")
+    p.add_argument("--reference", default=None, help="folder (or URL) of real clips with metadata.jsonl (path, "
+                                                     "labels, prompt): each prompt's nearest ones go on the page")
+    p.add_argument("--references-per-prompt", type=int, default=2, help="real clips shown per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="items sampled at once")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute dtype of the network (autocast)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -39,7 +39,7 @@ from pipeline.diffusion import create_sampler
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.generate import generate
 from pipeline.report.clips import clip_files
-from pipeline.report.page import Clip, clip_stem, render_page
+from pipeline.report.page import Clip, clip_stem, prompt_header, render_page
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ class DemoRenderer:
         out = []
         for item in self.plan.items:
             meta = item.metadata
-            text = str(meta.get("prompt", f"unconditional sample {item.index}"))
-            if "seconds_total" in meta:
-                text += f" ({meta.get('seconds_start', 0)}-{meta['seconds_total']} s)"
+            text = prompt_header(meta, f"unconditional sample {item.index}", self.plan.seconds)
             for scale in self.plan.cfg_scales:
                 stem = self.plan.stem(step, item, scale)
                 out.append(dataclasses.asdict(Clip(

@@ -136,13 +136,13 @@ def test_the_probe_is_deterministic_for_a_seed_and_pairs_true_and_shuffled(tmp_p
     data = write_val_set(str(tmp_path), 48, tied=True)
     checkpoint = export(tied_model, str(tmp_path / "tied.safetensors"))
     first = probe.run(probe.build_parser().parse_args(["--checkpoint", checkpoint, "--data", data, "--device", "cpu",
-                                                      "--num-generate", "0", "--num-clips", "8"]))
+                                                      "--num-prompts", "0", "--num-clips", "8"]))
     again = probe.run(probe.build_parser().parse_args(["--checkpoint", checkpoint, "--data", data, "--device", "cpu",
-                                                      "--num-generate", "0", "--num-clips", "8"]))
+                                                      "--num-prompts", "0", "--num-clips", "8"]))
     assert first["loss"] == again["loss"]
     # Shuffling nothing is the true pass again: the pairing (latent sample, noise, t) is exact.
     same = probe.run(probe.build_parser().parse_args(["--checkpoint", checkpoint, "--data", data, "--device", "cpu",
-                                                     "--num-generate", "0", "--num-clips", "8",
+                                                     "--num-prompts", "0", "--num-clips", "8",
                                                      "--shuffle-keys", "no_such_key"]))
     assert same["loss"]["difference"] == [0.0] * 9 and same["loss"]["true_loss"] == first["loss"]["true_loss"]
 
@@ -196,8 +196,8 @@ def test_a_ledger_is_accepted_and_its_newest_checkpoint_probed(tmp_path, tied_mo
     os.makedirs(tmp_path / "checkpoints")
     url = str(tmp_path / "checkpoints" / "manifest.json")
     mf.write_ledger(url, ledger)
-    assert run_probe(tmp_path, url, data, "--num-generate", "0")["checkpoint"]["step"] == 2
-    assert run_probe(tmp_path, url, data, "--step", "1", "--num-generate", "0")["loss"]["mean_difference"] == 0.0
+    assert run_probe(tmp_path, url, data, "--num-prompts", "0")["checkpoint"]["step"] == 2
+    assert run_probe(tmp_path, url, data, "--step", "1", "--num-prompts", "0")["loss"]["mean_difference"] == 0.0
 
 
 def test_the_audio_scores_run_on_generated_clips_with_a_reference_and_report_the_ceiling(tmp_path, tied_model):
@@ -215,18 +215,22 @@ def test_the_audio_scores_run_on_generated_clips_with_a_reference_and_report_the
             sf.write(reference / f"{n}.flac", audio, 8000)
             f.write(json.dumps({"path": f"{n}.flac", "key": "C major", "instrument": instrument}) + "\n")
     result = run_probe(tmp_path, export(tied_model, str(tmp_path / "tied.safetensors")), data,
-                       "--num-generate", "6", "--reference", str(reference))
+                       "--num-prompts", "3", "--seeds-per-prompt", "2", "--reference", str(reference))
     audio = result["audio"]
     assert audio["clips"] == 6 and audio["key"]["generated"]["n"] == 6 and audio["key"]["chance"]["n"] == 6
     assert audio["settings"] == {"steps": 4, "cfg_scale": 1.0, "sampler": "v-ddim", "length_frames": FRAMES,
-                                 "reference": str(reference), "reference_clips": 4}
+                                 "prompts": 3, "seeds_per_prompt": 2, "reference": str(reference),
+                                 "reference_clips": 4}
     assert audio["key"]["ceiling"]["n"] == 4
     instrument = audio["instrument"]
     assert instrument["classes"] == ["cello", "flute"] and instrument["ceiling"]["n"] == 4
-    # Only prompts naming an instrument the classifier knows are scored: flute, cello, -, -, flute, cello.
-    assert instrument["generated"]["n"] == 4
-    assert [c["key_prompted"] for c in audio["per_clip"]] == ["C major", "A minor", "G major", "D minor",
-                                                             "C major", "A minor"]
+    # 3 prompts x 2 seeds, each prompt's clips next to each other, one prompt per instrument in turn.
+    prompted = [c["instrument_prompted"] for c in audio["per_clip"]]
+    assert prompted[0::2] == prompted[1::2] and len(set(prompted[0::2])) == 3
+    assert sum(n for row in instrument["confusion"]["generated"].values() for n in row.values()) == 6
+    spread = audio["spread"]
+    assert spread["prompts"] == 3 and spread["chance_ratio"] == pytest.approx(2 ** -0.5)
+    assert spread["ratio"] == pytest.approx(spread["between"] / spread["within"])
 
 
 def test_an_unconditional_model_gets_its_validation_loss_and_no_prompt_test(tmp_path):

@@ -11,6 +11,7 @@ import soundfile
 import renderkit
 from pipeline import manifest as mf
 from pipeline import render, storage
+from pipeline.report.spectrogram import FIGURE_PIXELS
 
 PROMPTS = [{"id": "flute", "prompt": "a solo flute", "seconds_start": 0, "seconds_total": 1,
             "negative_prompt": "noise"},
@@ -49,7 +50,7 @@ def test_render_writes_clips_page_and_manifest(store_url, config, tmp_path):
     audio, rate = flac(first["audio"])
     assert rate == 8000 and audio.shape == (80, 1)  # 0.01 s -> 20 latent frames x 4
     assert np.abs(audio).max() == 32767  # peak-normalised
-    assert renderkit.decode_png(storage.read_bytes(first["image"])).shape[0] == 128
+    assert renderkit.decode_png(storage.read_bytes(first["image"])).shape[:2] == FIGURE_PIXELS[::-1]
     info = json.loads(storage.read_bytes(first["json"]))
     assert info["prompt"] == "a solo flute" and info["negative_metadata"]["prompt"] == "noise"
     assert (info["seed"], info["cfg"], info["sampler"], info["steps"], info["checkpoint"]) == (1, 3.0, "v-ddim", 2, "tiny-a")
@@ -192,3 +193,32 @@ def test_dry_run_checks_everything_and_writes_nothing(config, tmp_path):
     assert render.main(["--checkpoints", ckpt, "--prompts", write_prompts(str(tmp_path / "p.jsonl")),
                         "--output", str(out), "--dry-run"]) == 0
     assert not out.exists()
+
+
+def test_reference_clips_nearest_to_each_prompt_go_through_the_vae_onto_the_page(config, tmp_path):
+    """``--reference``: per prompt, the real clips with the most equal labels (then caption words), encoded
+    and decoded by the checkpoint's VAE, written under references/ and shown in a "real clips" column."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    t = np.arange(4000) / 8000
+    rows = [("a.flac", "flute", "a flute tune"), ("b.flac", "drums", "a drum groove"), ("c.flac", "flute", "flute air")]
+    with open(reference / "metadata.jsonl", "w") as f:
+        for name, instrument, prompt in rows:
+            soundfile.write(reference / name, 0.3 * np.sin(2 * np.pi * 440 * t), 8000)
+            f.write(json.dumps({"path": name, "instrument": instrument, "prompt": prompt}) + "\n")
+    ckpt = str(tmp_path / "tiny.safetensors")
+    renderkit.export_checkpoint(ckpt, config, tmp_dir=str(tmp_path))
+    prompts = write_prompts(str(tmp_path / "prompts.jsonl"),
+                            [{"id": "fl", "prompt": "solo flute air", "instrument": "flute", "seconds_start": 0, "seconds_total": 1},
+                             {"id": "dr", "prompt": "drums", "instrument": "drums", "seconds_start": 0, "seconds_total": 1}])
+    out = str(tmp_path / "render")
+    assert render.main(["--checkpoints", ckpt, "--prompts", prompts, "--output", out, "--cfg-scales", "1",
+                        "--steps", "2", "--seconds", "0.01", "--reference", str(reference),
+                        "--references-per-prompt", "2"]) == 0
+    sources = {pid: [json.loads(storage.read_bytes(f"{out}/references/{pid}/{n}.json"))["source"].rsplit("/", 1)[1]
+                     for n in range(2)] for pid in ("fl", "dr")}
+    assert sources == {"fl": ["c.flac", "a.flac"], "dr": ["b.flac", "a.flac"]}  # labels first, then caption words
+    audio, rate = flac(f"{out}/references/fl/0.flac")
+    assert rate == 8000 and audio.shape == (4000, 1)  # 0.5 s through a ratio-4 VAE
+    page = storage.read_bytes(storage.join(out, "index.html")).decode()
+    assert "real clips" in page and 'src="references/fl/0.flac"' in page and "through the VAE" in page

@@ -20,6 +20,7 @@ import pytest
 
 import renderkit
 from pipeline import render, storage
+from pipeline.report.spectrogram import FIGURE_PIXELS
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
@@ -40,10 +41,16 @@ window.addEventListener("load", async () => {
     a.addEventListener("error", () => resolve(-1));
     setTimeout(() => resolve(-2), 15000);  // never settled
   })));
-  const images = [...document.querySelectorAll("img")].map(i => i.complete ? i.naturalWidth : -1);
+  // Every player plays: play() resolves and the element is playing (an error's text otherwise).
+  const played = await Promise.all(audios.map(a => {
+    a.muted = true;
+    return a.play().then(() => { const playing = !a.paused; a.pause(); return playing; }, e => String(e));
+  }));
+  const images = [...document.querySelectorAll("img")].map(i => i.complete ? [i.naturalWidth, i.naturalHeight] : [-1, -1]);
+  const scroll = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth};
   const out = document.createElement("pre");
   out.id = "cantus-check";
-  out.textContent = JSON.stringify({durations, images});
+  out.textContent = JSON.stringify({durations, played, images, scroll});
   document.body.appendChild(out);
 });
 </script>"""
@@ -58,7 +65,8 @@ def chromium(*args: str, user_data_dir: str) -> str:
 
 
 def check_page(url: str, tmp_path, name: str) -> dict:
-    dom = chromium("--virtual-time-budget=20000", "--dump-dom", url, user_data_dir=str(tmp_path / f"profile-{name}"))
+    dom = chromium("--virtual-time-budget=30000", "--window-size=1400,900", "--autoplay-policy=no-user-gesture-required",
+                   "--dump-dom", url, user_data_dir=str(tmp_path / f"profile-{name}"))
     found = re.search(r'<pre id="cantus-check">(.*?)</pre>', dom, re.S)
     assert found, f"the check script did not finish on {url}"
     return json.loads(found.group(1).replace("&quot;", '"'))
@@ -73,7 +81,7 @@ def rendered(tmp_path_factory):
     storage.write(prompts, b'{"prompt": "a flute & a <harp>", "seconds_start": 0, "seconds_total": 1}\n'
                            b'{"id": "drums", "prompt": "drums", "seconds_start": 0, "seconds_total": 1}\n')
     out = str(tmp / "site")
-    assert render.main(["--checkpoints", ckpt, "--prompts", prompts, "--output", out, "--cfg-scales", "1,3",
+    assert render.main(["--checkpoints", ckpt, "--prompts", prompts, "--output", out, "--cfg-scales", "1,3,6,9",
                         "--seeds", "0", "--steps", "2", "--seconds", "0.25"]) == 0
     page = open(os.path.join(out, "index.html"), encoding="utf-8").read()
     with open(os.path.join(out, "check.html"), "w", encoding="utf-8") as f:
@@ -82,9 +90,13 @@ def rendered(tmp_path_factory):
 
 
 def assert_all_loaded(result: dict) -> None:
-    assert len(result["durations"]) == 4  # 2 prompts x 2 CFG and len(result["images"]) == 4
+    assert len(result["durations"]) == 8  # 2 prompts x 4 CFG: 4 images of 480 px would not fit side by side
     assert all(d == pytest.approx(0.25, abs=0.01) for d in result["durations"]), result
-    assert all(w > 0 for w in result["images"]), result
+    assert result["played"] == [True] * 8, result
+    # Spectrograms are plots with axes and a colour bar: their full size, not a bare band x frame grid.
+    assert result["images"] == [list(FIGURE_PIXELS)] * 8, result
+    # Laid out at 1400 px, the page does not scroll sideways.
+    assert result["scroll"]["innerWidth"] == 1400 and result["scroll"]["scrollWidth"] <= 1400, result
 
 
 def test_page_opened_from_disk_plays_every_clip_and_shows_every_spectrogram(rendered, tmp_path):
@@ -126,4 +138,5 @@ def test_chromium_check_catches_a_broken_clip(rendered, tmp_path):
     with open(victim, "wb") as f:
         f.write(b"not a flac file")
     result = check_page("file://" + os.path.join(broken, "check.html"), tmp_path, "broken")
-    assert sorted(d > 0 for d in result["durations"]) == [False, True, True, True]
+    assert sorted(d > 0 for d in result["durations"]) == [False] + [True] * 7
+    assert sum(p is True for p in result["played"]) == 7

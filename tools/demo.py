@@ -17,16 +17,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    {"id": "piano-bach", "prompt": "solo piano, Bach chorale in G major, 4/4, 80 BPM", "seconds_start": 0,
-     "seconds_total": 5},
+PROMPTS = [  # labels (instrument, key) pick the nearest real clips shown beside each prompt on the page
+    {"id": "piano-bach", "prompt": "solo piano, Bach chorale in G major, 4/4, 80 BPM", "instrument": "piano",
+     "key": "G major"},
     {"id": "strings-mozart", "prompt": "string quartet, Mozart quartet movement in D major, 3/4, 120 BPM",
-     "seconds_start": 0, "seconds_total": 5},
-    {"id": "flute-reel", "prompt": "flute, Irish folk reel in D major, 4/4, 140 BPM", "seconds_start": 0,
-     "seconds_total": 5},
-    {"id": "choir-minor", "prompt": "choir, Palestrina motet in A minor, 4/2, 70 BPM", "seconds_start": 0,
-     "seconds_total": 5},
+     "instrument": "string quartet", "key": "D major"},
+    {"id": "flute-reel", "prompt": "flute, Irish folk reel in D major, 4/4, 140 BPM", "instrument": "flute",
+     "key": "D major"},
+    {"id": "choir-minor", "prompt": "choir, Palestrina motet in A minor, 4/2, 70 BPM", "instrument": "choir",
+     "key": "A minor"},
+    {"id": "organ-chorale", "prompt": "church organ, Bach chorale in C major, 4/4, 72 BPM",
+     "instrument": "church organ", "key": "C major"},
+    {"id": "fiddle-jig", "prompt": "fiddle, Irish folk jig in G major, 6/8, 120 BPM", "instrument": "fiddle",
+     "key": "G major"},
 ]
+for _p in PROMPTS:
+    _p.update(seconds_start=0, seconds_total=5)  # the demo clips are 5 s long (the DiT's timing conditioning)
+
 
 
 class Chain:
@@ -90,7 +97,18 @@ def probe_summary(probe: dict) -> str:
             for name, label in (("ceiling", "real clips"), ("through_vae", "real clips through the VAE")):
                 if (s.get(name) or {}).get("mean") is not None:
                     row += f"  {label} {s[name]['mean']:.2f}"
+            if (s.get("generated_minus_chance") or {}).get("se"):
+                d = s["generated_minus_chance"]
+                row += f"  (generated - chance {d['mean']:+.3f} +- {d['se']:.3f}, z = {d['mean'] / d['se']:.1f})"
             lines.append(row)
+    spread = audio.get("spread") or {}
+    if "ratio" in spread:
+        lines.append(f"  clips differ between prompts {spread['ratio']:.2f}x as much as between seeds "
+                     f"({spread['chance_ratio']:.2f} if the prompt changed nothing)")
+    from pipeline.report.scores import format_confusion
+    for name, table in ((audio.get("instrument") or {}).get("confusion") or {}).items():
+        lines.append(format_confusion(f"  instrument confusion, {name.replace('_', ' ')} (rows: prompted, "
+                                      "columns: predicted)", table))
     return "\n".join(lines)
 
 
@@ -139,10 +157,10 @@ def main() -> int:
                                "--checkpoint-every", str(args.dit_steps // 2)],
          dit_ledger, ledger_step, "steps", args.dit_steps),
         ("render", [py, "-m", "pipeline.render", "--checkpoints", str(dit_ledger), "--prompts", str(prompts),
-                    "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0"],
+                    "--output", str(render), "--cfg-scales", "1,3,6", "--seeds", "0", "--reference", str(data)],
          render / "manifest.json", samples, "clips", 0),
         ("probe", [py, "-m", "pipeline.probe", "--checkpoint", str(dit_ledger), "--data",
-                   str(latents_val / "manifest.json"), "--reference", str(data), "--num-generate", "16",
+                   str(latents_val / "manifest.json"), "--reference", str(data), "--num-prompts", "8", "--seeds-per-prompt", "4",
                    "--out", str(out / "probe.json")],
          out / "probe.json", None, "items", 0),
     ]

@@ -255,14 +255,46 @@ def _key_score(estimated: Key, text: str | None) -> float | None:
         return None  # an unparseable prompted key is counted out (n says how many were scored)
 
 
+def confusion(prompted: list[str], predicted: list[str]) -> dict[str, dict[str, int]]:
+    """``{prompted class: {predicted class: count}}`` (rows and columns in sorted order)."""
+    table: dict[str, dict[str, int]] = {}
+    for a, b in sorted(zip(prompted, predicted)):
+        row = table.setdefault(a, {})
+        row[b] = row.get(b, 0) + 1
+    return table
+
+
+def prompt_spread(features: np.ndarray, prompt_ids: list[int]) -> dict:
+    """Do clips differ more between prompts than between seeds of one prompt? In standardised features:
+    ``between``, the mean distance between the per-prompt mean features; ``within``, the mean distance
+    between two clips of the same prompt; ``ratio = between / within``. If the prompt changed nothing, a
+    mean of S clips would sit ``within / sqrt(S)`` from another (``chance_ratio``, for S seeds each)."""
+    ids = np.asarray(prompt_ids)
+    groups = [features[ids == p] for p in np.unique(ids)]
+    if len(groups) < 2 or min(len(g) for g in groups) < 2:
+        return {"skipped": "needs at least 2 prompts with at least 2 seeds each"}
+    means = np.stack([g.mean(axis=0) for g in groups])
+
+    def mean_distance(x: np.ndarray) -> float:
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return float(d[np.triu_indices(len(x), 1)].mean())
+    between = mean_distance(means)
+    within = float(np.mean([mean_distance(g) for g in groups]))
+    seeds = float(np.mean([len(g) for g in groups]))
+    return {"between": between, "within": within, "ratio": between / within if within > 0 else float("inf"),
+            "chance_ratio": 1.0 / np.sqrt(seeds), "prompts": len(groups)}
+
+
 def prompt_following(generated: list[Clip], shuffled: list[Clip], reference: list[Clip] | None,
-                     through_vae: list[Clip] | None = None) -> dict:
+                     through_vae: list[Clip] | None = None, prompt_ids: list[int] | None = None) -> dict:
     """Key and instrument scores of ``generated`` against its prompts, of the same audio against the
     prompts in ``shuffled`` (chance: only the labels of ``shuffled`` are used), and of the ``reference``
     clips against their own labels (ceiling; the instrument by leave-one-out). ``through_vae``, the
     reference clips encoded and decoded by the model's pretransform, gives a second ceiling and, since
     generated audio comes out of the same decoder, the clips the instrument classifier is fitted on (a
-    classifier fitted on real clips also scores the decoder's colouring of the sound)."""
+    classifier fitted on real clips also scores the decoder's colouring of the sound). ``prompt_ids``
+    (which prompt each generated clip came from) adds the between/within-prompt spread
+    (`prompt_spread`) in the classifier's standardised timbre features, and confusion tables."""
     estimated = [estimate_key(c.audio, c.sample_rate) for c in generated]
     key_true = [_key_score(e, c.key) for e, c in zip(estimated, generated)]
     key_chance = [_key_score(e, c.key) for e, c in zip(estimated, shuffled)]
@@ -289,19 +321,25 @@ def prompt_following(generated: list[Clip], shuffled: list[Clip], reference: lis
             return mean_se([float(p == c.instrument) for p, c in zip(classifier.leave_one_out(), clips)])
         on_real = fit(real)
         classifier = fit(decoded) if len({c.instrument for c in decoded}) >= 2 else on_real
-        predicted = classifier.predict(features(generated))
 
         def hits(labels: list[Clip]) -> list[float | None]:
             return [None if c.instrument not in classifier.classes else float(p == c.instrument)
                     for p, c in zip(predicted, labels)]
+        generated_features = features(generated)
+        predicted = classifier.predict(generated_features)
         true_hits, chance_hits = hits(generated), hits(shuffled)
         out["instrument"] = {
             "classes": classifier.classes, "generated": mean_se(true_hits), "chance": mean_se(chance_hits),
             "generated_minus_chance": mean_se([a - b for a, b in zip(true_hits, chance_hits)
                                                if a is not None and b is not None]),
             "ceiling": loo(on_real, real), "fitted_on": "reference" if classifier is on_real else "through_vae"}
+        out["instrument"]["confusion"] = {"generated": confusion([c.instrument for c in generated], predicted)}
         if classifier is not on_real:
             out["instrument"]["through_vae"] = loo(classifier, decoded)
+            out["instrument"]["confusion"]["through_vae"] = confusion([c.instrument for c in decoded],
+                                                                      classifier.leave_one_out())
+        if prompt_ids is not None:
+            out["spread"] = prompt_spread((generated_features - classifier.mean) / classifier.std, prompt_ids)
         for row, p in zip(per_clip, predicted):
             row["instrument_predicted"] = p
         for row, c in zip(per_clip, generated):
@@ -332,4 +370,22 @@ def format_table(audio: dict) -> str:
                          f"{_cell(s.get('ceiling'))} {_cell(s.get('through_vae'))}")
     lines.append("(real clips: the reference clips against their own labels; through VAE: the same clips encoded "
                  "and decoded by the model's VAE, the most generated audio can score)")
+    for name, table in (audio.get("instrument", {}).get("confusion") or {}).items():
+        lines += ["", format_confusion(f"instrument confusion, {name.replace('_', ' ')} (rows: prompted/true, "
+                                       "columns: predicted)", table)]
+    spread = audio.get("spread")
+    if spread and "skipped" not in spread:
+        lines += ["", f"between-prompt / within-prompt spread of the generated clips (timbre features): "
+                      f"{spread['ratio']:.2f} (between {spread['between']:.2f}, within {spread['within']:.2f}; "
+                      f"{spread['chance_ratio']:.2f} if the prompt changed nothing)"]
+    return "\n".join(lines)
+
+
+def format_confusion(title: str, table: dict[str, dict[str, int]]) -> str:
+    classes = sorted(set(table) | {c for row in table.values() for c in row})
+    width = max(6, *(len(c) for c in classes))
+    lines = [title, " " * width + "".join(f" {c[:width]:>{width}}" for c in classes)]
+    for a in classes:
+        row = table.get(a, {})
+        lines.append(f"{a:<{width}}" + "".join(f" {row.get(b, 0):>{width}}" for b in classes))
     return "\n".join(lines)

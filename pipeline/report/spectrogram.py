@@ -10,27 +10,27 @@ of amplitude 1, so a 0 dBFS tone reads 0 dB in its bin. torchaudio is not used (
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 
 import numpy as np
 import torch
 
-from pipeline.report.png import encode_png
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpectrogramOptions:
     n_mels: int = 128
-    """Mel bands, the image height in pixels."""
+    """Mel bands (rows of the plot)."""
     max_width: int = 800
-    """Most STFT frames (the image width): the hop grows with the clip so long clips stay readable."""
+    """Most STFT frames (columns of the plot): the hop grows with the clip so long clips stay readable."""
     window_seconds: float = 0.046
     """STFT window length; rounded up to a power of two in samples (2048 at 44.1 kHz)."""
     f_min: float = 0.0
     f_max: float | None = None
     """Highest band edge in Hz; None means the Nyquist frequency."""
     top_db: float = 80.0
-    """Dynamic range shown: values below ``max - top_db`` are drawn black."""
+    """Dynamic range shown: values below ``max - top_db`` get the colour map's darkest colour."""
 
 
 def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
@@ -84,23 +84,57 @@ def mel_spectrogram_db(audio: torch.Tensor, sample_rate: int,
     return 10.0 * torch.log10((fb @ power).clamp_min(1e-10))  # (M, frames)
 
 
-# Anchor colours of matplotlib's "magma" map at 0, 1/6, ..., 1 (perceptually uniform, prints in grey).
-_MAGMA = np.array([[0, 0, 4], [28, 16, 68], [79, 18, 123], [129, 37, 129], [181, 54, 122],
-                   [229, 80, 100], [251, 135, 97], [254, 194, 135], [252, 253, 191]], np.float64)
+FIGURE_PIXELS = (480, 220)
+"""(width, height) of the spectrogram image: the plot, its time and frequency axes and the dB colour bar."""
+_DPI = 100
+_FREQ_TICKS_HZ = (50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
+"""Candidate frequency ticks in Hz (labelled ``500``, ``1k``, ...)."""
 
 
-def colorize(db: torch.Tensor, top_db: float) -> np.ndarray:
-    """(n_mels, frames) dB -> (n_mels, frames, 3) uint8, low frequencies at the bottom row."""
-    values = db.numpy().astype(np.float64)
-    top = values.max()
-    level = np.clip((values - (top - top_db)) / top_db, 0.0, 1.0)[::-1]  # row 0 = highest band
-    pos = level * (len(_MAGMA) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_MAGMA) - 2)
-    frac = (pos - lo)[..., None]
-    rgb = _MAGMA[lo] * (1 - frac) + _MAGMA[lo + 1] * frac
-    return np.rint(rgb).astype(np.uint8)
+def _hz_label(hz: float) -> str:
+    return f"{hz / 1000:g}k" if hz >= 1000 else f"{hz:g}"
+
+
+def _frequency_ticks(f_min: float, f_max: float, min_gap: float) -> list[float]:
+    """Tick frequencies in range, from the top down, dropping any closer than ``min_gap`` mel to the
+    last one kept (low ticks crowd together on the mel scale)."""
+    kept: list[float] = []
+    for hz in sorted((hz for hz in _FREQ_TICKS_HZ if f_min <= hz <= f_max), reverse=True):
+        if not kept or hz_to_mel(kept[-1]) - hz_to_mel(hz) >= min_gap:
+            kept.append(hz)
+    return kept[::-1]
 
 
 def spectrogram_png(audio: torch.Tensor, sample_rate: int, options: SpectrogramOptions = SpectrogramOptions()) -> bytes:
-    """PNG bytes of the mel spectrogram of ``audio`` (C, T) or (T,)."""
-    return encode_png(colorize(mel_spectrogram_db(audio, sample_rate, options), options.top_db))
+    """PNG bytes of the mel spectrogram of ``audio`` (C, T) or (T,): time in seconds, frequency in Hz on
+    the mel axis (low at the bottom), and a colour bar in dB re a full-scale sine over ``top_db``.
+
+    Drawn with matplotlib's object API on the Agg canvas (no pyplot state, so threads and stages can
+    draw at once); the image is always ``FIGURE_PIXELS`` so a page lays out before images load.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    db = mel_spectrogram_db(audio, sample_rate, options).numpy()  # (M, frames)
+    samples = audio.shape[-1]
+    f_max = sample_rate / 2 if options.f_max is None else options.f_max
+    mel_lo, mel_hi = float(hz_to_mel(options.f_min)), float(hz_to_mel(f_max))
+    top = float(db.max())
+    fig = Figure(figsize=(FIGURE_PIXELS[0] / _DPI, FIGURE_PIXELS[1] / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    # Fixed margins instead of tight_layout: the same layout for every clip, and ~3x faster.
+    ax = fig.add_axes((0.12, 0.2, 0.68, 0.74))
+    bar = fig.add_axes((0.83, 0.2, 0.025, 0.74))
+    image = ax.imshow(db, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+                      extent=(0.0, samples / sample_rate, mel_lo, mel_hi), vmin=top - options.top_db, vmax=top)
+    ticks = _frequency_ticks(options.f_min, f_max, min_gap=(mel_hi - mel_lo) * 12 / (0.74 * FIGURE_PIXELS[1]))
+    ax.set_yticks([float(hz_to_mel(hz)) for hz in ticks], [_hz_label(hz) for hz in ticks])
+    ax.set_xlabel("time (s)", fontsize=8)
+    ax.set_ylabel("frequency (Hz, mel scale)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    colorbar = fig.colorbar(image, cax=bar)
+    colorbar.set_label("dB", fontsize=8)
+    colorbar.ax.tick_params(labelsize=7)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=_DPI)
+    return out.getvalue()

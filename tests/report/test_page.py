@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline.report.page import Clip, check_name, clip_stem, format_cfg, render_page
+from pipeline.report.page import Clip, Reference, check_name, clip_stem, format_cfg, prompt_header, render_page
 
 
 class Collector(HTMLParser):
@@ -37,20 +37,44 @@ def clips() -> list[Clip]:
     return out
 
 
-def test_page_has_one_row_per_prompt_and_a_column_per_checkpoint_and_cfg():
-    parsed = Collector()
-    parsed.feed(render_page("Render", clips()))
-    header1, header2, *body = parsed.rows
-    assert [a.get("colspan") for t, a in header1 if t == "th"] == [None, "2", "2"]
-    assert "".join(parsed.text).count("CFG 3") == 2
+def sections(page: str) -> list[Collector]:
+    """One parsed Collector per <section> of the page."""
+    out = []
+    for chunk in page.split("<section>")[1:]:
+        parsed = Collector()
+        parsed.feed(chunk.split("</section>")[0])
+        out.append(parsed)
+    return out
+
+
+def test_page_has_a_section_per_checkpoint_a_row_per_prompt_and_a_column_per_cfg():
+    page = render_page("Render", clips())
+    first, second = sections(page)
+    assert "".join(first.text).strip().startswith("step-200") and "".join(second.text).strip().startswith("step-100")
+    header, *body = first.rows
+    assert [t for t, _ in header if t == "th"] == ["th", "th", "th"] and "".join(first.text).count("CFG 3") == 1
     assert len(body) == 2  # prompts p1, p0 in order of appearance
-    first = [a for t, a in body[0] if t == "audio"]
-    # columns: step-200 (CFG 3, 6), step-100 (CFG 3, 6); seeds ascending within a cell
-    assert [a["src"] for a in first] == [f"{ck}/p1/cfg{c}-seed{s}.flac" for ck in ("step-200", "step-100")
-                                         for c in ("3", "6") for s in (0, 1)]
-    assert all(a["preload"] == "metadata" and "controls" in a for a in first)
-    images = [a["src"] for t, a in body[1] if t == "img"]
-    assert images[0] == "step-200/p0/cfg3-seed0.png" and len(images) == 8
+    audio = [a["src"] for t, a in body[0] if t == "audio"]
+    assert audio == [f"step-200/p1/cfg{c}-seed{s}.flac" for c in ("3", "6") for s in (0, 1)]
+    assert all(a["preload"] == "metadata" and "controls" in a for t, a in body[0] if t == "audio")
+    images = [a["src"] for t, a in second.rows[2] if t == "img"]
+    assert images[0] == "step-100/p0/cfg3-seed0.png" and len(images) == 4
+
+
+def test_references_add_a_real_clips_column_to_every_section():
+    refs = [Reference("p0", "drums, real", "references/p0/0.flac", "references/p0/0.png")]
+    for parsed in sections(render_page("Render", clips(), references=refs)):
+        header, p1, p0 = parsed.rows
+        assert "real clips" in "".join(parsed.text)
+        assert [a["src"] for t, a in p0 if t == "audio"][-1] == "references/p0/0.flac"
+        assert not [a for t, a in p1 if t == "audio" and a["src"].startswith("references")]
+
+
+def test_prompt_header_states_when_the_model_makes_shorter_clips_than_asked():
+    assert prompt_header({"prompt": "x", "seconds_start": 0, "seconds_total": 5}, "id", 2.05) == \
+        "x (asks for 0-5 s; the model makes 2.05 s clips)"
+    assert prompt_header({"prompt": "x", "seconds_start": 0, "seconds_total": 2}, "id", 2.05) == "x (asks for 0-2 s)"
+    assert prompt_header({}, "id", 1.0) == "id"
 
 
 def test_text_is_escaped_and_links_are_quoted():

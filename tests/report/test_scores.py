@@ -190,3 +190,25 @@ def test_read_reference_reads_the_demo_datasets_layout(tmp_path):
     clips = scores.read_reference(str(tmp_path), limit=2)
     assert [(c.key, c.instrument, c.sample_rate) for c in clips] == [("C major", "flute", SR), ("A minor", "brass", SR)]
     assert scores.estimate_key(clips[1].audio, clips[1].sample_rate) == Key(9, "minor")
+
+
+def test_prompt_spread_is_the_distance_between_prompt_means_over_the_seed_to_seed_distance():
+    from pipeline.report.scores import prompt_spread
+    features = np.array([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0], [4.0, 2.0]])
+    spread = prompt_spread(features, [0, 0, 1, 1])
+    assert spread["between"] == pytest.approx(4.0) and spread["within"] == pytest.approx(2.0)
+    assert spread["ratio"] == pytest.approx(2.0) and spread["chance_ratio"] == pytest.approx(2 ** -0.5)
+    assert "skipped" in prompt_spread(features, [0, 1, 2, 3])  # one seed per prompt: no spread to compare
+
+
+def test_prompt_spread_of_prompt_free_noise_sits_near_its_chance_ratio():
+    from pipeline.report.scores import prompt_spread
+    rng = np.random.default_rng(0)
+    spread = prompt_spread(rng.normal(size=(8 * 4, 200)), [p for p in range(8) for _ in range(4)])
+    assert spread["ratio"] == pytest.approx(spread["chance_ratio"], rel=0.1)
+
+
+def test_confusion_counts_prompted_against_predicted():
+    from pipeline.report.scores import confusion
+    assert confusion(["flute", "flute", "cello"], ["flute", "cello", "cello"]) == \
+        {"cello": {"cello": 1}, "flute": {"cello": 1, "flute": 1}}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.report.spectrogram import (SpectrogramOptions, colorize, hz_to_mel, mel_filterbank,
+from pipeline.report.spectrogram import (FIGURE_PIXELS, SpectrogramOptions, hz_to_mel, mel_filterbank,
                                          mel_spectrogram_db, mel_to_hz, spectrogram_png)
 from renderkit import decode_png
 
@@ -63,17 +63,28 @@ def test_stereo_is_the_mean_power_of_its_channels():
                                rtol=0, atol=1e-3)
 
 
-def test_image_has_one_row_per_band_low_frequencies_at_the_bottom():
+def plot_column(image: np.ndarray) -> np.ndarray:
+    """Brightness down one column in the middle of the plot area (inside the axes of spectrogram_png)."""
+    height, width, _ = image.shape
+    top, bottom = int(height * 0.08), int(height * 0.78)  # the axes span 0.2..0.94 of the height
+    return image.astype(int).sum(2)[top:bottom, int(width * 0.45)]
+
+
+def test_image_is_a_plot_with_axes_low_frequencies_at_the_bottom():
     options = SpectrogramOptions(n_mels=32, max_width=100)
     for freq, bottom in ((200.0, True), (3500.0, False)):
         image = decode_png(spectrogram_png(tone(freq), SR, options))
-        assert image.shape[0] == 32 and 90 <= image.shape[1] <= 100 and image.shape[2] == 3
-        brightest_row = int(image.astype(int).sum(2)[:, 50].argmax())
-        assert (brightest_row > 24) == bottom and (brightest_row < 8) == (not bottom)
+        assert image.shape == (FIGURE_PIXELS[1], FIGURE_PIXELS[0], 3)
+        column = plot_column(image)
+        brightest = int(column.argmax()) / len(column)  # 0 = top of the plot
+        assert (brightest > 0.6) == bottom and (brightest < 0.3) == (not bottom), (freq, brightest)
+        # Axis labels and ticks are drawn in black on the white margin left of the plot.
+        margin = image[:, : int(FIGURE_PIXELS[0] * 0.1)].astype(int).sum(2)
+        assert (margin < 200).sum() > 50 and (margin > 700).mean() > 0.5
 
 
 def test_short_and_silent_clips_still_give_an_image():
     image = decode_png(spectrogram_png(torch.zeros(1, 100), SR, SpectrogramOptions(n_mels=8)))
-    assert image.shape[0] == 8 and image.shape[1] >= 1
-    rgb = colorize(torch.zeros(8, 3), top_db=80.0)
-    assert rgb.dtype == np.uint8 and (rgb == rgb[0, 0]).all()
+    assert image.shape == (FIGURE_PIXELS[1], FIGURE_PIXELS[0], 3)
+    column = plot_column(image)
+    assert (column == column[0]).all()  # silence: one colour over the whole plot
