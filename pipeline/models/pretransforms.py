@@ -54,8 +54,8 @@ class AutoencoderPretransform(Pretransform):
         return next(self.model.parameters()).dtype
 
     def encode(self, audio, generator: torch.Generator | None = None):
-        latents, _ = self.model.encode(audio.to(self._model_dtype()), chunked=self.chunked,
-                                       iterate_batch=self.iterate_batch, generator=generator)
+        latents = self.model.encode(audio.to(self._model_dtype()), iterate_batch=self.iterate_batch,
+                                    chunked=self.chunked, generator=generator)
         return latents.to(audio.dtype) / self.scale
 
     def encode_mean_std(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ def test_unknown_encoder_argument_names_the_key_path():
 
 def test_shapes_follow_the_downsampling_ratio(vae):
     x = torch.randn(3, 2, 256)
-    latents, info = vae.encode(x)
+    latents, info = vae.encode(x, return_info=True)
     assert latents.shape == (3, 4, 32) and info["pre_bottleneck_latents"].shape == (3, 8, 32)
     assert vae.decode(latents).shape == (3, 2, 256)
 
@@ -120,9 +120,9 @@ def test_chunked_encode_and_decode_equal_unchunked(vae):
         whole = vae.encode_pre_bottleneck(x)
         chunked = vae.encode_pre_bottleneck(x, chunked=True, chunk_size=96, overlap=48)
         assert _relative_error(chunked, whole) < 1e-4
-        sampled_whole, _ = vae.encode(x, generator=torch.Generator().manual_seed(3))
-        sampled_chunked, _ = vae.encode(x, chunked=True, chunk_size=96, overlap=48,
-                                        generator=torch.Generator().manual_seed(3))
+        sampled_whole = vae.encode(x, generator=torch.Generator().manual_seed(3))
+        sampled_chunked = vae.encode(x, chunked=True, chunk_size=96, overlap=48,
+                                     generator=torch.Generator().manual_seed(3))
         assert _relative_error(sampled_chunked, sampled_whole) < 1e-4
         audio = vae.decode(sampled_whole)
         audio_chunked = vae.decode(sampled_whole, chunked=True, chunk_size=96, overlap=48)

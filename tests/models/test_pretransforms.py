@@ -40,7 +40,7 @@ def test_scale_divides_on_encode_and_multiplies_on_decode():
     x = torch.randn(2, 1, 256)
     with torch.no_grad():
         latents = pre.encode(x, generator=torch.Generator().manual_seed(0))
-        raw, _ = pre.model.encode(x, generator=torch.Generator().manual_seed(0))
+        raw = pre.model.encode(x, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(latents, raw / 2.5)
         torch.testing.assert_close(pre.decode(latents), pre.model.decode(raw))
         mean, std = pre.encode_mean_std(x)  # unscaled, for pre_encode
