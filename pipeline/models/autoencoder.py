@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pipeline.config import AutoencoderConfig, ConfigError, ModelConfig, ModuleConfig, load_model_config
+from pipeline.config import (AutoencoderConfig, ConfigError, MissingPackageError, ModelConfig, ModuleConfig,
+                             load_model_config)
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck
+from pipeline.models.dac import DACDecoderWrapper, DACEncoderWrapper
 
 # SAT's chunked-processing defaults, in latent frames (`AudioAutoencoder.encode_audio`).
 CHUNK_SIZE = 128
@@ -243,22 +245,28 @@ def _chunked(fn, x: torch.Tensor, chunk_size: int, overlap: int, scale_in: int, 
 # ---------------------------------------------------------------------------------------------
 # Factory: SAT `type` strings -> constructors.
 
-ENCODERS = {"oobleck": OobleckEncoder}
-DECODERS = {"oobleck": OobleckDecoder}
-_NEEDS_PACKAGE = {"dac": "descript-audio-codec (import name dac)", "seanet": "encodec"}
+ENCODERS = {"oobleck": OobleckEncoder, "dac": DACEncoderWrapper}
+DECODERS = {"oobleck": OobleckDecoder, "dac": DACDecoderWrapper}
+# SAT types that wrap a package Cantus does not ship: what they are and what builds them.
+NEEDS_PACKAGE = {"seanet": "EnCodec's SEANet network (SAT wraps the `encodec` package)"}
 
 
 def _build_module(registry: dict, spec: ModuleConfig, key_path: str) -> nn.Module:
-    if spec.type in _NEEDS_PACKAGE:
-        raise ConfigError(f"{key_path}.type={spec.type!r}: this SAT type wraps the package "
-                          f"{_NEEDS_PACKAGE[spec.type]}, which Cantus does not include; supported: {sorted(registry)}")
+    if spec.type in NEEDS_PACKAGE:
+        raise MissingPackageError(f"{key_path}.type={spec.type!r} is {NEEDS_PACKAGE[spec.type]}; stable-audio-tools "
+                                  f"with that package builds it, Cantus does not include it and builds "
+                                  f"{sorted(registry)}")
     if spec.type not in registry:
         raise ConfigError(f"{key_path}.type={spec.type!r} is not supported; supported: {sorted(registry)}")
     cls = registry[spec.type]
-    accepted = [name for name in inspect.signature(cls).parameters]
+    params = inspect.signature(cls).parameters
+    accepted = list(params)
     unknown = sorted(set(spec.config) - set(accepted))
     if unknown:
         raise ConfigError(f"{key_path}.config: unknown argument(s) {unknown} for {spec.type!r}; accepted: {accepted}")
+    missing = [name for name, p in params.items() if p.default is p.empty and name not in spec.config]
+    if missing:
+        raise ConfigError(f"{key_path}.config: {spec.type!r} needs {missing}")
     try:
         module = cls(**spec.config)
     except ValueError as e:

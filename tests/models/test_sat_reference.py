@@ -142,3 +142,21 @@ def test_adp_cfg_1d_reference_case_reproduces_every_forward_called_with_the_reco
             assert _relative(out, t[call["outputs"]]) <= TOL, call["name"]
         # The guidance is visible in this case: CFG 3 is far from CFG 1, so the check above can fail.
         assert _relative(t["out.fwd_cfg3_batch"], t["out.fwd_cfg1"]) > 1e-2
+
+
+def test_stable_audio_1_0_builds_on_meta_with_sats_full_layout_dac_vae_included():
+    cfg = json.loads((CONFIGS / "model_configs" / "txt2audio" / "stable_audio_1_0.json").read_text())
+    # as recorded in keys_sa1.json `modifications`: the CLAP conditioner (no state-dict keys in SAT) is removed
+    confs = cfg["model"]["conditioning"]["configs"]
+    cfg["model"]["conditioning"]["configs"] = [c for c in confs if c["type"] != "clap_text"]
+    with torch.device("meta"):
+        model = create_model_from_config(cfg)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == _layout("sa1")
+    assert sum(p.numel() for p in model.pretransform.parameters()) == 133_431_300
+
+
+def test_stable_audio_1_0_vae_builds_on_meta_with_sats_layout():
+    cfg = json.loads((CONFIGS / "model_configs" / "autoencoders" / "stable_audio_1_0_vae.json").read_text())
+    with torch.device("meta"):
+        model = create_model_from_config(cfg)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == _layout("sa1_vae")
