@@ -131,8 +131,9 @@ def _guided_model_fn(model, metadata, negative_metadata, cfg_scale, scale_phi, c
 
     def cond_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with _autocast(device, dtype):
-            return model(x, t, cond, cfg_scale=cfg_scale, scale_phi=scale_phi, cfg_interval=cfg_interval,
-                         **negative).float()
+            # batch_cfg and rescale_cfg as SAT's generation passes them (its wrappers default both to False)
+            return model(x, t, cond, cfg_scale=cfg_scale, batch_cfg=True, rescale_cfg=True, scale_phi=scale_phi,
+                         cfg_interval=cfg_interval, **negative).float()
     return cond_fn
 
 

@@ -162,3 +162,54 @@ def test_check_cli_prints_a_summary_and_exits_2_on_error(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "pipeline.config", "check", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "num_heads" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["dac_2048_32_vae.json", "stable_audio_1_0_vae.json", "encodec_musicgen_rvq.json",
+                                  "stable_audio_1_0.json"])
+def test_check_accepts_sat_configs_with_optional_parts_and_says_what_it_cannot_build(name):
+    """DAC is built here; EnCodec's SEANet and SA 1.0's CLAP conditioner need packages Cantus does not ship."""
+    path = next(p for p in MODEL_CONFIGS if p.name == name)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.config", "check", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    built = {"dac_2048_32_vae.json": "(built on the meta device)",
+             "stable_audio_1_0_vae.json": "parameters   133,431,300 (built on the meta device)",
+             "encodec_musicgen_rvq.json": "not counted: the config is valid, but model.encoder.type='seanet' is "
+                                          "EnCodec's SEANet network (SAT wraps the `encodec` package)",
+             "stable_audio_1_0.json": "not counted: the config is valid, but conditioner type 'clap_text' needs "
+                                      "the laion_clap package"}
+    assert built[name] in proc.stdout
+
+
+def test_training_and_pre_encoding_with_a_missing_optional_part_stop_with_checks_line(tmp_path, capsys):
+    """A diffusion config whose VAE is EnCodec's SEANet: `check` accepts it and names the missing part; the
+    stages that must build it stop with that same line and exit code 2, without a traceback."""
+    sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+    import trainkit
+    from pipeline import pre_encode
+
+    config = trainkit.tiny_dit_config()
+    encodec = json.loads(next(p for p in MODEL_CONFIGS if p.name == "encodec_musicgen_rvq.json").read_text())
+    config["model"]["pretransform"] = {"type": "autoencoder", "config": encodec["model"]}
+    config.update(sample_rate=32000, sample_size=640 * 16)
+    config["model"]["io_channels"] = config["model"]["diffusion"]["config"]["io_channels"] = 128
+    path = trainkit.write_json(str(tmp_path / "seanet_dit.json"), config)
+    line = ("model.pretransform.config.encoder.type='seanet' is EnCodec's SEANet network (SAT wraps the `encodec` "
+            "package); stable-audio-tools with that package builds it, Cantus does not include it and builds "
+            "['dac', 'oobleck']")
+
+    assert main(["check", path]) == 0
+    assert f"the config is valid, but {line}\n" in capsys.readouterr().out
+
+    audio = trainkit.write_audio_shards(str(tmp_path / "audio"), shards=1, per_shard=1, channels=1, samples=640 * 16,
+                                       sample_rate=32000)
+    assert pre_encode.main(["--input", audio, "--model-config", path, "--pretransform-ckpt", str(tmp_path / "vae"),
+                            "--output", str(tmp_path / "latents"), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"
+
+    latents = trainkit.write_latent_shards(str(tmp_path / "latents"), shards=1, per_shard=2, channels=128, frames=16)
+    proc = subprocess.run([sys.executable, str(Path(trainkit.REPO) / "pipeline" / "train.py"), "--ds_config",
+                           str(Path(trainkit.REPO) / "ds_configs" / "zero2_cpu.json"), "--model-config", path,
+                           "--data", latents, "--output", str(tmp_path / "run"), "--max-steps", "1",
+                           "--batch-size", "2", "--dry-run"], capture_output=True, text=True, env=trainkit.train_env())
+    assert (proc.returncode, proc.stderr) == (2, f"error: {line}\n")

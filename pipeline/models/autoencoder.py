@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pipeline.config import AutoencoderConfig, ConfigError, ModelConfig, ModuleConfig, load_model_config
+from pipeline.config import (AutoencoderConfig, ConfigError, MissingPackageError, ModelConfig, ModuleConfig,
+                             load_model_config)
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck
+from pipeline.models.dac import DACDecoderWrapper, DACEncoderWrapper
 
 # SAT's chunked-processing defaults, in latent frames (`AudioAutoencoder.encode_audio`).
 CHUNK_SIZE = 128
@@ -136,40 +138,47 @@ class AudioAutoencoder(nn.Module):
                 module.checkpointing = enabled
 
     def encode_pre_bottleneck(self, audio: torch.Tensor, chunked: bool = False, chunk_size: int = CHUNK_SIZE,
-                              overlap: int = CHUNK_OVERLAP, iterate_batch: bool = False) -> torch.Tensor:
+                              overlap: int = CHUNK_OVERLAP, iterate_batch: bool = False,
+                              skip_pretransform: bool = False) -> torch.Tensor:
         """audio (B, C, T) -> encoder output (B, C_enc, T / ratio); for a VAE C_enc = 2 * latent_dim (mean, scale)."""
         def run(x: torch.Tensor) -> torch.Tensor:
-            if self.pretransform is not None:
+            if self.pretransform is not None and not skip_pretransform:
                 with torch.set_grad_enabled(self.pretransform.enable_grad and torch.is_grad_enabled()):
                     x = self.pretransform.encode(x)
             return self.encoder(x)
 
         if iterate_batch:
-            return torch.cat([self.encode_pre_bottleneck(a[None], chunked, chunk_size, overlap) for a in audio])
+            return torch.cat([self.encode_pre_bottleneck(a[None], chunked=chunked, chunk_size=chunk_size,
+                                                         overlap=overlap, skip_pretransform=skip_pretransform)
+                              for a in audio])
         if not chunked:
             return run(audio)
         return _chunked(run, audio, chunk_size, overlap, scale_in=self.downsampling_ratio, scale_out=1)
 
-    def encode(self, audio: torch.Tensor, chunked: bool = False, chunk_size: int = CHUNK_SIZE,
-               overlap: int = CHUNK_OVERLAP, iterate_batch: bool = False,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """audio (B, C, T) -> latents (B, latent_dim, T / ratio) and info (`pre_bottleneck_latents`, `kl`, ...).
+    def encode(self, audio: torch.Tensor, skip_bottleneck: bool = False, return_info: bool = False,
+               skip_pretransform: bool = False, iterate_batch: bool = False, chunked: bool = False,
+               chunk_size: int = CHUNK_SIZE, overlap: int = CHUNK_OVERLAP,
+               generator: torch.Generator | None = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        """audio (B, C, T) -> latents (B, latent_dim, T / ratio), and with `return_info` also the info dict
+        (`pre_bottleneck_latents`, `kl`, ...). The first four keywords and their defaults are SAT's.
 
-        Chunks are cut before the bottleneck, so a VAE draws its noise once over the whole clip: chunked and
-        unchunked encodes with the same generator agree (SAT samples per chunk).
+        `chunked` does here what SAT's `encode_audio` does. Chunks are cut before the bottleneck, so a VAE
+        draws its noise once over the whole clip: chunked and unchunked encodes with the same generator
+        agree (SAT samples per chunk).
         """
-        pre = self.encode_pre_bottleneck(audio, chunked, chunk_size, overlap, iterate_batch)
-        info = {"pre_bottleneck_latents": pre}
-        if self.bottleneck is None:
-            return pre, info
-        latents, bottleneck_info = self.bottleneck.encode(pre, generator=generator)
-        return latents, info | bottleneck_info
+        pre = self.encode_pre_bottleneck(audio, chunked=chunked, chunk_size=chunk_size, overlap=overlap,
+                                         iterate_batch=iterate_batch, skip_pretransform=skip_pretransform)
+        latents, info = pre, {"pre_bottleneck_latents": pre}
+        if self.bottleneck is not None and not skip_bottleneck:
+            latents, bottleneck_info = self.bottleneck.encode(pre, generator=generator)
+            info |= bottleneck_info
+        return (latents, info) if return_info else latents
 
-    def decode(self, latents: torch.Tensor, chunked: bool = False, chunk_size: int = CHUNK_SIZE,
-               overlap: int = CHUNK_OVERLAP, iterate_batch: bool = False) -> torch.Tensor:
-        """latents (B, latent_dim, T') -> audio (B, C, T' * ratio)."""
+    def decode(self, latents: torch.Tensor, skip_bottleneck: bool = False, iterate_batch: bool = False,
+               chunked: bool = False, chunk_size: int = CHUNK_SIZE, overlap: int = CHUNK_OVERLAP) -> torch.Tensor:
+        """latents (B, latent_dim, T') -> audio (B, C, T' * ratio). The first two keywords are SAT's."""
         def run(z: torch.Tensor) -> torch.Tensor:
-            if self.bottleneck is not None:
+            if self.bottleneck is not None and not skip_bottleneck:
                 z = self.bottleneck.decode(z)
             x = self.decoder(z)
             if self.pretransform is not None:
@@ -178,10 +187,24 @@ class AudioAutoencoder(nn.Module):
             return x
 
         if iterate_batch:
-            return torch.cat([self.decode(z[None], chunked, chunk_size, overlap) for z in latents])
+            return torch.cat([self.decode(z[None], skip_bottleneck=skip_bottleneck, chunked=chunked,
+                                          chunk_size=chunk_size, overlap=overlap) for z in latents])
         if not chunked:
             return run(latents)
         return _chunked(run, latents, chunk_size, overlap, scale_in=1, scale_out=self.downsampling_ratio)
+
+    def encode_audio(self, audio: torch.Tensor, chunked: bool = False, overlap: int = CHUNK_OVERLAP,
+                     chunk_size: int = CHUNK_SIZE, iterate_batch: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """SAT's name and defaults for a (possibly chunked) encode: `encode(audio, chunked=...)`."""
+        return self.encode(audio, iterate_batch=iterate_batch, chunked=chunked, chunk_size=chunk_size,
+                           overlap=overlap, generator=generator)
+
+    def decode_audio(self, latents: torch.Tensor, chunked: bool = False, overlap: int = CHUNK_OVERLAP,
+                     chunk_size: int = CHUNK_SIZE, iterate_batch: bool = False) -> torch.Tensor:
+        """SAT's name and defaults for a (possibly chunked) decode: `decode(latents, chunked=...)`."""
+        return self.decode(latents, iterate_batch=iterate_batch, chunked=chunked, chunk_size=chunk_size,
+                           overlap=overlap)
 
 
 def _chunked(fn, x: torch.Tensor, chunk_size: int, overlap: int, scale_in: int, scale_out: int) -> torch.Tensor:
@@ -222,22 +245,28 @@ def _chunked(fn, x: torch.Tensor, chunk_size: int, overlap: int, scale_in: int, 
 # ---------------------------------------------------------------------------------------------
 # Factory: SAT `type` strings -> constructors.
 
-ENCODERS = {"oobleck": OobleckEncoder}
-DECODERS = {"oobleck": OobleckDecoder}
-_NEEDS_PACKAGE = {"dac": "descript-audio-codec (import name dac)", "seanet": "encodec"}
+ENCODERS = {"oobleck": OobleckEncoder, "dac": DACEncoderWrapper}
+DECODERS = {"oobleck": OobleckDecoder, "dac": DACDecoderWrapper}
+# SAT types that wrap a package Cantus does not ship: what they are and what builds them.
+NEEDS_PACKAGE = {"seanet": "EnCodec's SEANet network (SAT wraps the `encodec` package)"}
 
 
 def _build_module(registry: dict, spec: ModuleConfig, key_path: str) -> nn.Module:
-    if spec.type in _NEEDS_PACKAGE:
-        raise ConfigError(f"{key_path}.type={spec.type!r}: this SAT type wraps the package "
-                          f"{_NEEDS_PACKAGE[spec.type]}, which Cantus does not include; supported: {sorted(registry)}")
+    if spec.type in NEEDS_PACKAGE:
+        raise MissingPackageError(f"{key_path}.type={spec.type!r} is {NEEDS_PACKAGE[spec.type]}; stable-audio-tools "
+                                  f"with that package builds it, Cantus does not include it and builds "
+                                  f"{sorted(registry)}")
     if spec.type not in registry:
         raise ConfigError(f"{key_path}.type={spec.type!r} is not supported; supported: {sorted(registry)}")
     cls = registry[spec.type]
-    accepted = [name for name in inspect.signature(cls).parameters]
+    params = inspect.signature(cls).parameters
+    accepted = list(params)
     unknown = sorted(set(spec.config) - set(accepted))
     if unknown:
         raise ConfigError(f"{key_path}.config: unknown argument(s) {unknown} for {spec.type!r}; accepted: {accepted}")
+    missing = [name for name, p in params.items() if p.default is p.empty and name not in spec.config]
+    if missing:
+        raise ConfigError(f"{key_path}.config: {spec.type!r} needs {missing}")
     try:
         module = cls(**spec.config)
     except ValueError as e:

@@ -308,7 +308,7 @@ def autoencoder_step_losses(autoencoder: nn.Module, losses: AutoencoderLosses, r
     off. SAT alternates (discriminator step on odd global steps, generator on even); a caller may do the
     same or step both optimizers every batch, since the two losses share no graph.
     """
-    latents, info = autoencoder.encode(reals, generator=generator)
+    latents, info = autoencoder.encode(reals, return_info=True, generator=generator)
     decoded = autoencoder.decode(latents)
     length = min(decoded.shape[-1], reals.shape[-1])  # odd strides make the decoder's output one sample short
     decoded, reals = decoded[..., :length], reals[..., :length]

@@ -1,4 +1,5 @@
-"""Building blocks of the Oobleck autoencoder: SnakeBeta, weight-normalised convolutions, residual units.
+"""Building blocks of the Oobleck and DAC autoencoders: Snake activations, weight-normalised convolutions,
+residual units.
 
 Parameter names follow stable-audio-tools (SAT) so that its checkpoints load with `strict=True`:
 a weight-normalised convolution stores `weight_g` (the norm, shape (dim0, 1, ...)) and `weight_v` (the
@@ -31,6 +32,17 @@ class SnakeBeta(nn.Module):
         inv_beta = (1.0 / (self.beta.exp() + 1e-9))[None, :, None]  # SAT's 1e-9 guard; a (C,) reciprocal, not a (B, C, T) division
         s = torch.sin(alpha * x)
         return torch.addcmul(x, s * s, inv_beta)
+
+
+class Snake1d(nn.Module):
+    """Snake activation x + sin^2(alpha x) / alpha with a learned per-channel alpha (DAC's `Snake1d`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, T)
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
 
 def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, MissingPackageError
 
 # SAT's std floor: std = softplus(scale) + 1e-4, so a latent never collapses to a point.
 VAE_STD_FLOOR = 1e-4
@@ -73,10 +73,12 @@ class L2Bottleneck(Bottleneck):
 
 BOTTLENECKS: dict[str, type[Bottleneck]] = {"vae": VAEBottleneck, "tanh": TanhBottleneck, "l2_norm": L2Bottleneck}
 
-# SAT types that wrap a third-party package, with the package they need.
-_NEEDS_PACKAGE = {
-    "rvq": "vector-quantize-pytorch", "rvq_vae": "vector-quantize-pytorch",
-    "dac_rvq": "descript-audio-codec", "dac_rvq_vae": "descript-audio-codec",
+# SAT types that wrap a package Cantus does not ship: what they are and what builds them.
+NEEDS_PACKAGE = {
+    "rvq": "a residual vector quantizer (SAT wraps the `vector-quantize-pytorch` package)",
+    "rvq_vae": "a residual vector quantizer (SAT wraps the `vector-quantize-pytorch` package)",
+    "dac_rvq": "DAC's residual vector quantizer (SAT wraps the `descript-audio-codec` package)",
+    "dac_rvq_vae": "DAC's residual vector quantizer (SAT wraps the `descript-audio-codec` package)",
 }
 _NOT_PORTED = ("wasserstein", "fsq", "dithered_fsq")
 
@@ -84,9 +86,9 @@ _NOT_PORTED = ("wasserstein", "fsq", "dithered_fsq")
 def create_bottleneck(kind: str, config: Mapping, requires_grad: bool = True,
                       key_path: str = "model.bottleneck") -> Bottleneck:
     """Build a bottleneck from an SAT `{type, config, requires_grad}` block's parts."""
-    if kind in _NEEDS_PACKAGE:
-        raise ConfigError(f"{key_path}.type={kind!r}: this SAT bottleneck wraps the package "
-                          f"{_NEEDS_PACKAGE[kind]!r}, which Cantus does not include; supported: {sorted(BOTTLENECKS)}")
+    if kind in NEEDS_PACKAGE:
+        raise MissingPackageError(f"{key_path}.type={kind!r} is {NEEDS_PACKAGE[kind]}; stable-audio-tools with "
+                                  f"that package builds it, Cantus does not include it and builds {sorted(BOTTLENECKS)}")
     if kind in _NOT_PORTED or kind not in BOTTLENECKS:
         raise ConfigError(f"{key_path}.type={kind!r} is not supported; supported: {sorted(BOTTLENECKS)}")
     cls = BOTTLENECKS[kind]

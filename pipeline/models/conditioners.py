@@ -277,7 +277,7 @@ class CLAPTextConditioner(Conditioner):
         del clap.model.audio_branch
         return clap.tokenizer, clap
 
-    def forward(self, texts: list[str], device) -> list[torch.Tensor]:
+    def forward(self, texts: list[str], device="cuda") -> list[torch.Tensor]:  # SAT's default device
         _, clap = self.encoder.get(device)
         texts = list(texts)
         padded = texts + [""] if len(texts) == 1 else texts  # CLAP fails on a batch of one

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.models.blocks import Snake1d
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d import construct_checked
 
@@ -32,17 +33,6 @@ CUBIC_KERNEL = (
     0.43359375, 0.11328125, -0.03515625, -0.01171875,
 )  # fmt: skip
 TIMESTEP_FEATURES = 16
-
-
-class Snake1d(nn.Module):
-    """Snake activation x + sin^2(alpha x) / alpha with a learned per-channel alpha (DAC's `Snake1d`)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
 
 class ResConvBlock(nn.Module):
@@ -369,8 +359,8 @@ class DAU1DCondWrapper(nn.Module):
         global_cond: torch.Tensor | None = None,
         cfg_scale: float = 1.0,
         cfg_dropout_prob: float = 0.0,
-        batch_cfg: bool = True,
-        rescale_cfg: bool = True,
+        batch_cfg: bool = False,
+        rescale_cfg: bool = False,
         scale_phi: float = 0.4,
         negative_cross_attn_cond: torch.Tensor | None = None,
         negative_cross_attn_mask: torch.Tensor | None = None,

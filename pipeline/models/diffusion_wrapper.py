@@ -47,8 +47,13 @@ class DiTWrapper(nn.Module):
     def forward(self, x, t, cross_attn_cond=None, cross_attn_mask=None, negative_cross_attn_cond=None,
                 negative_cross_attn_mask=None, input_concat_cond=None, negative_input_concat_cond=None,
                 global_cond=None, negative_global_cond=None, prepend_cond=None, prepend_cond_mask=None,
-                cfg_scale: float = 1.0, cfg_dropout_prob: float = 0.0, cfg_interval=(0.0, 1.0),
-                scale_phi: float = 0.0, mask=None):
+                cfg_scale: float = 1.0, cfg_dropout_prob: float = 0.0, batch_cfg: bool = True,
+                rescale_cfg: bool = False, scale_phi: float = 0.0, cfg_interval=(0.0, 1.0), mask=None):
+        """`batch_cfg` must stay True (the DiT guides in one batched pass, as SAT asserts); `rescale_cfg` is
+        accepted and unused, as in SAT: the DiT's rescale amount is `scale_phi` (0 turns it off)."""
+        if not batch_cfg:
+            raise ValueError("batch_cfg=False: the DiT guides cond and uncond in one batched pass only "
+                             "(as SAT's DiTWrapper); pass batch_cfg=True or leave it out")
         # SAT passes neither negative_global_cond nor negative_input_concat_cond to the DiT.
         return self.model(x, t, cross_attn_cond=cross_attn_cond, cross_attn_cond_mask=cross_attn_mask,
                           negative_cross_attn_cond=negative_cross_attn_cond,

@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from pipeline.config import ConfigError, PretransformConfig
+from pipeline.config import ConfigError, MissingPackageError, PretransformConfig
 from pipeline.models.bottlenecks import VAEBottleneck, vae_mean_std
 
 
@@ -54,8 +54,8 @@ class AutoencoderPretransform(Pretransform):
         return next(self.model.parameters()).dtype
 
     def encode(self, audio, generator: torch.Generator | None = None):
-        latents, _ = self.model.encode(audio.to(self._model_dtype()), chunked=self.chunked,
-                                       iterate_batch=self.iterate_batch, generator=generator)
+        latents = self.model.encode(audio.to(self._model_dtype()), iterate_batch=self.iterate_batch,
+                                    chunked=self.chunked, generator=generator)
         return latents.to(audio.dtype) / self.scale
 
     def encode_mean_std(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +108,10 @@ class PatchedPretransform(Pretransform):
         return rearrange(latents, "b (c h) l -> b c (l h)", h=self.patch_size)
 
 
-_NEEDS_PACKAGE = {"wavelet": "PyWavelets", "dac_pretrained": "descript-audio-codec",
-                  "audiocraft_pretrained": "audiocraft"}
+# SAT types that wrap a package Cantus does not ship: what they are and what builds them.
+NEEDS_PACKAGE = {"wavelet": "a wavelet transform (SAT wraps the `PyWavelets` package)",
+                 "dac_pretrained": "a pretrained DAC codec (SAT wraps the `descript-audio-codec` package)",
+                 "audiocraft_pretrained": "a pretrained AudioCraft codec (SAT wraps the `audiocraft` package)"}
 SUPPORTED = ("autoencoder", "pqmf", "patched")
 
 
@@ -117,9 +119,9 @@ def create_pretransform_from_config(pretransform_config: PretransformConfig, sam
                                     audio_channels: int, key_path: str = "model.pretransform") -> Pretransform:
     """Build a pretransform from its parsed SAT block; it starts frozen and in eval mode, as in SAT."""
     c = pretransform_config
-    if c.type in _NEEDS_PACKAGE:
-        raise ConfigError(f"{key_path}.type={c.type!r}: this SAT pretransform needs the package "
-                          f"{_NEEDS_PACKAGE[c.type]!r}, which Cantus does not include; supported: {list(SUPPORTED)}")
+    if c.type in NEEDS_PACKAGE:
+        raise MissingPackageError(f"{key_path}.type={c.type!r} is {NEEDS_PACKAGE[c.type]}; stable-audio-tools with "
+                                  f"that package builds it, Cantus does not include it and builds {list(SUPPORTED)}")
     if c.type == "autoencoder":
         from pipeline.models.autoencoder import build_autoencoder
 

@@ -48,14 +48,15 @@ class LayerNorm(nn.Module):
         self.force_fp32 = force_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.force_fp32:
-            out = F.layer_norm(x.float(), x.shape[-1:], self.gamma.float(), self.beta.float(), self.eps)
-            return out.to(x.dtype)
-        if x.dtype != self.gamma.dtype:
-            # bf16 activations with fp32 weights: CUDA autocast runs layer_norm in fp32, CPU autocast
-            # does not and fails on the mixed dtypes; do what CUDA does on every device.
-            return F.layer_norm(x.float(), x.shape[-1:], self.gamma.float(), self.beta.float(), self.eps)
-        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta, self.eps)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not (self.force_fp32 or autocast) and x.dtype == self.gamma.dtype == self.beta.dtype:
+            return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta, self.eps)
+        # In fp32 with gamma and beta cast to fp32, as CUDA autocast runs layer_norm (SAT's numerics on a GPU).
+        # CPU autocast does not upcast, and DeepSpeed's bf16 casts the parameter gamma but not the buffer beta:
+        # mixed dtypes would fail there.
+        out = F.layer_norm(x.float(), x.shape[-1:], self.gamma.float(), self.beta.float(), self.eps)
+        # Autocast's layer_norm returns fp32; force_fp32 (SAT) and a plain low-precision call keep x's dtype.
+        return out if autocast and not self.force_fp32 else out.to(x.dtype)
 
 
 class LayerScale(nn.Module):

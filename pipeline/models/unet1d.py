@@ -168,7 +168,7 @@ class UNet1d(nn.Module):
                 f"that is a multiple of {self.min_input_length}"
             )
 
-    def get_mapping(self, time: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor | None:
+    def get_mapping(self, time: torch.Tensor | None, features: torch.Tensor | None) -> torch.Tensor | None:
         """Sum of the time embedding and the global-feature embedding, through the mapping MLP."""
         if features is not None and not self.use_context_features:
             raise ValueError(
@@ -177,6 +177,8 @@ class UNet1d(nn.Module):
             )
         items = []
         if self.use_context_time:
+            if time is None:
+                raise ValueError("this U-Net has use_context_time set (the default) but no time was given")
             items.append(self.to_time(time))
         if self.use_context_features:
             if features is None:
@@ -189,7 +191,7 @@ class UNet1d(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        time: torch.Tensor,
+        time: torch.Tensor | None = None,
         *,
         features: torch.Tensor | None = None,
         channels_list: Sequence[torch.Tensor] | None = None,
@@ -426,8 +428,8 @@ class UNetCFG1DWrapper(nn.Module):
         global_cond: torch.Tensor | None = None,
         cfg_scale: float = 1.0,
         cfg_dropout_prob: float = 0.0,
-        batch_cfg: bool = True,
-        rescale_cfg: bool = True,
+        batch_cfg: bool = False,
+        rescale_cfg: bool = False,
         scale_phi: float = 0.4,
         negative_cross_attn_cond: torch.Tensor | None = None,
         negative_cross_attn_mask: torch.Tensor | None = None,
@@ -442,8 +444,8 @@ class UNetCFG1DWrapper(nn.Module):
         same global and input-concat conditioning, so `negative_global_cond` and
         `negative_input_concat_cond` are accepted (the router sends them) and not used.
 
-        `batch_cfg` and `rescale_cfg` default to True, the values SAT's generation always passes; the
-        rescale amount is `scale_phi` (0 turns it off), as for the DiT."""
+        `batch_cfg` and `rescale_cfg` default to False as in SAT's wrapper (SAT's generation, and ours,
+        pass True for both); the rescale amount is `scale_phi` (SAT's 0.4), used only with `rescale_cfg`."""
         _reject_unsupported("adp_cfg_1d", prepend_cond, cfg_interval, mask)
         return self.model(
             x,
@@ -490,8 +492,8 @@ class UNet1DCondWrapper(nn.Module):
         global_cond: torch.Tensor | None = None,
         cfg_scale: float = 1.0,
         cfg_dropout_prob: float = 0.0,
-        batch_cfg: bool = True,
-        rescale_cfg: bool = True,
+        batch_cfg: bool = False,
+        rescale_cfg: bool = False,
         scale_phi: float = 0.4,
         negative_cross_attn_cond: torch.Tensor | None = None,
         negative_cross_attn_mask: torch.Tensor | None = None,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import ConfigError, load_model_config
+from pipeline.config import ConfigError, MissingPackageError, load_model_config
 from pipeline.models.autoencoder import create_autoencoder_from_config
 from pipeline.models.blocks import SnakeBeta, WNConv1d, WNConvTranspose1d, fold_weight_norm
-from pipeline.models.bottlenecks import VAE_STD_FLOOR, VAEBottleneck, vae_mean_std
+from pipeline.models.bottlenecks import VAE_STD_FLOOR, VAEBottleneck, create_bottleneck, vae_mean_std
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 AUTOENCODERS = FIXTURES / "sat_configs" / "model_configs" / "autoencoders"
@@ -42,14 +42,27 @@ def test_sao_vae_builds_on_meta_with_sats_keys_and_shapes():
     assert sum(p.numel() for p in model.parameters()) == ref["total_params"] == 156_112_514
 
 
-@pytest.mark.parametrize("name, package", [("dac_2048_32_vae.json", "descript-audio-codec"),
-                                           ("stable_audio_1_0_vae.json", "descript-audio-codec"),
-                                           ("encodec_musicgen_rvq.json", "encodec")])
-def test_sat_configs_whose_parts_need_a_missing_package_say_which(name, package):
-    cfg = load_model_config(str(AUTOENCODERS / name))
+def test_a_sat_config_whose_part_wraps_a_missing_package_says_what_and_which_package():
+    cfg = load_model_config(str(AUTOENCODERS / "encodec_musicgen_rvq.json"))
     assert cfg.model.autoencoder is not None
-    with pytest.raises(ConfigError, match=package), torch.device("meta"):
+    with pytest.raises(MissingPackageError, match=r"model\.encoder\.type='seanet' is EnCodec's SEANet.*`encodec`"), \
+            torch.device("meta"):
         create_autoencoder_from_config(cfg)
+
+
+@pytest.mark.parametrize("kind, package", [("rvq", "vector-quantize-pytorch"), ("dac_rvq", "descript-audio-codec")])
+def test_bottlenecks_that_wrap_a_missing_package_name_it(kind, package):
+    with pytest.raises(MissingPackageError, match=f"model.bottleneck.type='{kind}'.*`{package}`"):
+        create_bottleneck(kind, {})
+
+
+def test_the_mono_dac_vae_config_builds_with_its_latent_widths():
+    with torch.device("meta"):
+        model = create_autoencoder_from_config(load_model_config(str(AUTOENCODERS / "dac_2048_32_vae.json")))
+    state = model.state_dict()
+    assert state["encoder.encoder.block.0.weight_v"].shape == (128, 1, 7)  # mono input
+    assert state["encoder.proj_out.weight"].shape == (64, 2048, 1)  # mean and scale of 32 latents
+    assert state["decoder.decoder.model.0.weight_v"].shape == (1536, 32, 7)
 
 
 def test_unknown_encoder_argument_names_the_key_path():
@@ -61,7 +74,7 @@ def test_unknown_encoder_argument_names_the_key_path():
 
 def test_shapes_follow_the_downsampling_ratio(vae):
     x = torch.randn(3, 2, 256)
-    latents, info = vae.encode(x)
+    latents, info = vae.encode(x, return_info=True)
     assert latents.shape == (3, 4, 32) and info["pre_bottleneck_latents"].shape == (3, 8, 32)
     assert vae.decode(latents).shape == (3, 2, 256)
 
@@ -120,9 +133,9 @@ def test_chunked_encode_and_decode_equal_unchunked(vae):
         whole = vae.encode_pre_bottleneck(x)
         chunked = vae.encode_pre_bottleneck(x, chunked=True, chunk_size=96, overlap=48)
         assert _relative_error(chunked, whole) < 1e-4
-        sampled_whole, _ = vae.encode(x, generator=torch.Generator().manual_seed(3))
-        sampled_chunked, _ = vae.encode(x, chunked=True, chunk_size=96, overlap=48,
-                                        generator=torch.Generator().manual_seed(3))
+        sampled_whole = vae.encode(x, generator=torch.Generator().manual_seed(3))
+        sampled_chunked = vae.encode(x, chunked=True, chunk_size=96, overlap=48,
+                                     generator=torch.Generator().manual_seed(3))
         assert _relative_error(sampled_chunked, sampled_whole) < 1e-4
         audio = vae.decode(sampled_whole)
         audio_chunked = vae.decode(sampled_whole, chunked=True, chunk_size=96, overlap=48)

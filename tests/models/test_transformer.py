@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.models.transformer import Attention, ContinuousTransformer, RotaryEmbedding, apply_rotary
+from pipeline.models.transformer import Attention, ContinuousTransformer, LayerNorm, RotaryEmbedding, apply_rotary
 
 
 def _rotary_reference(t, rot_dim, base=10000.0):
@@ -84,3 +84,35 @@ def test_checkpointed_blocks_give_the_same_gradients():
 def test_memory_tokens_are_dropped_from_the_output():
     model = _tiny(num_memory_tokens=3)
     assert model(torch.randn(2, 5, 4), context=torch.randn(2, 3, 64)).shape == (2, 5, 4)
+
+
+def _layer_norm_reference(x, gamma):
+    """fp64 LayerNorm over the last dim, eps 1e-5, zero bias."""
+    x = x.double()
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) * gamma.double()
+
+
+def test_layer_norm_with_a_bf16_gamma_and_an_fp32_beta_buffer_runs_in_fp32():
+    """DeepSpeed's bf16 casts parameters, not buffers: gamma bf16 beside the fp32 beta buffer must still work,
+    computed in fp32 as CUDA autocast computes layer_norm (fp32 out under autocast, x's dtype without)."""
+    norm = LayerNorm(16)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.linspace(0.5, 2.0, 16))
+    norm.gamma.data = norm.gamma.data.bfloat16()
+    assert norm.beta.dtype == torch.float32
+    x = torch.randn(2, 5, 16).bfloat16()
+    expected = _layer_norm_reference(x, norm.gamma)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    plain = norm(x)
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(plain, expected.bfloat16())
+
+
+def test_layer_norm_in_fp32_is_the_plain_call():
+    norm = LayerNorm(8, bias=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (8,), norm.gamma, norm.beta, 1e-5),
+                               rtol=0, atol=0)

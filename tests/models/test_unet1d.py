@@ -50,7 +50,7 @@ def test_sa1_backbone_builds_on_meta_with_sat_keys_and_shapes(sa1_meta_backbone)
 
 def test_sa1_full_model_from_factory_matches_sat_layout():
     """Through create_model_from_config, less what keys_sa1.json's `modifications` removed (CLAP, no state
-    in SAT) and the DAC VAE (a package Cantus does not include)."""
+    in SAT) and the DAC VAE (its layout is checked in test_sat_reference.py)."""
     ref = json.loads((FIXTURES / "sat_ref/keys_sa1.json").read_text())
     raw = json.loads(SA1.read_text())
     del raw["model"]["pretransform"]
