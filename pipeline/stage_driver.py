@@ -165,7 +165,7 @@ def committed_manifest(stage: Stage, num_tasks: int | None, items: list[dict] | 
         if recorded != num_tasks:
             differ.append(f"task count ({recorded if recorded else 'another'} there, {num_tasks} now)")
     if differ:
-        raise StageError(f"{stage.manifest_url} is committed with another {'; '.join(differ)}; a committed output "
+        raise StageError(f"{stage.manifest_url} is committed with other {'; '.join(differ)}; a committed output "
                          "is never rewritten: repeat the committed run exactly, or write to a new --output")
     return m
 

@@ -285,7 +285,7 @@ def test_a_committed_latent_output_is_never_rewritten(tmp_path, vae_files, capsy
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(out_url).rglob("*") if p.is_file()}
     capsys.readouterr()
     assert encode(audio_url, out_url, config, ckpt, "--task-index", "0", "--num-tasks", "3") == 2
-    assert "is committed with another task count (2 there, 3 now)" in capsys.readouterr().err
+    assert "is committed with other task count (2 there, 3 now)" in capsys.readouterr().err
     assert encode(audio_url, out_url, config, ckpt, "commit", "--num-tasks", "2", "--sample-size", "1024") == 2
     assert "sample_size: None there, 1024 now" in capsys.readouterr().err
     for step in (["--task-index", "1", "--num-tasks", "2"], ["commit", "--task-index", "0", "--num-tasks", "2"]):

@@ -301,7 +301,7 @@ def test_another_task_count_on_a_committed_output_is_refused_and_changes_nothing
     for step in (["--task-index", "0", "--num-tasks", "3"], ["commit", "--num-tasks", "3"], []):
         assert small_shard(src, out, *step) == 2, step
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is committed with another task count (2 there, " in err, err
+        assert err.count("\n") == 1 and "is committed with other task count (2 there, " in err, err
     assert small_shard(src, out, "--task-index", "0", "--num-tasks", "2", "--sample-rate", "22050") == 2
     assert "settings (sample_rate: 16000 there, 22050 now)" in capsys.readouterr().err
     assert snapshot(out) == before, "nothing under the committed output was written"
@@ -320,7 +320,7 @@ def test_the_same_run_again_on_a_committed_output_is_a_no_op(small_input, store_
     storage.write(storage.join(src, "x", "four.wav"), generate.encode(generate.tone(1.5, 16000), 16000, "WAV"))
     capsys.readouterr()
     assert small_shard(src, out) == 2
-    assert "is committed with another plan (4 items there, 5 now)" in capsys.readouterr().err
+    assert "is committed with other plan (4 items there, 5 now)" in capsys.readouterr().err
     assert snapshot(out) == before
 
 
