@@ -31,7 +31,9 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -216,11 +218,43 @@ def _from_dict(cls: type, d: Any, url: str, what: str):
 
 
 def read_manifest(url: str, stage: str | None = None) -> Manifest:
-    """Read and validate a manifest; ``stage`` (if given) must match."""
+    """Read and validate a manifest; ``stage`` (if given) must match. Refused, naming the URL: a
+    negative or non-finite count, a malformed sha256, an output listed twice, totals that disagree
+    with the outputs, and a manifest that holds no sample (see `check_outputs`)."""
     m = _from_dict(Manifest, _read_json(url, "manifest"), url, "manifest")
     if stage is not None and m.stage != stage:
         raise ManifestError(f"{url}: a {m.stage!r} manifest, expected the output of {stage!r}")
+    check_outputs(m, url)
     return m
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COUNTS = ("samples", "bytes", "seconds")
+
+
+def check_outputs(m: Manifest, url: str) -> None:
+    """What a reader may rely on beyond the field types: counts >= 0 and finite, a hex sha256 per shard,
+    each output (shard URL, rendered audio URL) listed once, ``totals`` equal to the outputs' sums, and
+    at least one sample (a render: at least one output). Raises `ManifestError` naming ``url``."""
+    seen: dict[str, int] = {}
+    key = "url" if m.stage in ("shard", "pre_encode") else "audio"
+    for i, e in enumerate(m.outputs):
+        for name in _COUNTS:
+            value = e.get(name)
+            if isinstance(value, _NUMBER) and not (math.isfinite(value) and value >= 0):
+                raise ManifestError(f"{url}: outputs[{i}].{name}={value!r}: expected a finite number >= 0")
+        if key == "url" and not _SHA256.match(e["sha256"]):
+            raise ManifestError(f"{url}: outputs[{i}].sha256={e['sha256']!r}: expected 64 lowercase hex digits")
+        if e[key] in seen:
+            raise ManifestError(f"{url}: outputs[{i}].{key}={e[key]!r} is listed twice (also outputs[{seen[e[key]]}])")
+        seen[e[key]] = i
+    sums = _totals(list(m.outputs))
+    for name in ("outputs", "samples", "bytes"):
+        if name in m.totals and name in sums and m.totals[name] != sums[name]:
+            raise ManifestError(f"{url}: totals.{name}={m.totals[name]!r}, but the outputs hold {sums[name]}")
+    if not m.outputs or sums.get("samples", 1) == 0:
+        raise ManifestError(f"{url}: holds no sample ({len(m.outputs)} outputs, {sums.get('samples', 0)} samples); "
+                            "a stage never commits an empty output")
 
 
 def write_manifest(url: str, manifest: Manifest) -> bool:
@@ -312,6 +346,20 @@ def read_part(out_url: str, k: int, n: int) -> Part | None:
     return part
 
 
+_PART_NAME = re.compile(r"/part-(\d+)-of-(\d+)\.json$")
+
+
+def part_task_counts(out_url: str) -> dict[int, list[str]]:
+    """``{N: [part URLs]}`` for the part files under ``<out>/_parts/``. A listing, but only to check that
+    the parts there belong to one task count (`pipeline.stage_driver`); work is found in the plan."""
+    counts: dict[int, list[str]] = {}
+    for obj in storage.list_objects(storage.join(out_url, "_parts")):
+        match = _PART_NAME.search(obj.url)
+        if match:
+            counts.setdefault(int(match[2]), []).append(obj.url)
+    return counts
+
+
 def _few(ids: list, n: int = 10) -> str:
     return ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
 
@@ -326,7 +374,9 @@ def commit(out_url: str, *, stage: str, num_tasks: int, args: dict, input: dict,
     appearance means "done"). Default: everything in the main manifest. The shard stage passes e.g.
     ``lambda es: {"": [e for e in es if not e["val"]], "val": [e for e in es if e["val"]]}``.
     Returns the main manifest. Totals per manifest: ``outputs`` and the sums of ``samples``, ``bytes``,
-    ``seconds`` where entries have them; the main one adds ``items`` (planned) and ``rejects``.
+    ``seconds`` where entries have them; the main one adds ``items`` (planned), ``rejects`` and
+    ``tasks`` (``num_tasks``: a re-run with another task count is refused, see `pipeline.stage_driver`).
+    A manifest that would hold no sample, or that a reader would refuse (`check_outputs`), is not written.
     """
     plan = read_plan(out_url)
     parts = [read_part(out_url, k, num_tasks) for k in range(num_tasks)]
@@ -361,16 +411,21 @@ def commit(out_url: str, *, stage: str, num_tasks: int, args: dict, input: dict,
         raise ManifestError(f"commit group function returned {sorted(groups)} with "
                             f"{sum(map(len, groups.values()))} entries for {len(outputs)} outputs; it "
                             "must return a '' (main) group and place every entry exactly once")
-    main = None
+    manifests = {}
     for sub in sorted(groups, key=lambda s: s == ""):  # main manifest last
         totals = _totals(groups[sub])
         if sub == "":
-            totals.update(items=len(plan), rejects=len(rejects))
-        m = Manifest(stage=stage, args=args, input=input, properties=properties, totals=totals,
-                     rejects=rejects_url, outputs=tuple(groups[sub]))
-        write_manifest(storage.join(out_url, sub, "manifest.json"), m)
-        main = m
-    return main
+            totals.update(items=len(plan), rejects=len(rejects), tasks=num_tasks)
+        url = storage.join(out_url, sub, "manifest.json")
+        manifests[url] = Manifest(stage=stage, args=args, input=input, properties=properties, totals=totals,
+                                  rejects=rejects_url, outputs=tuple(groups[sub]))
+        try:  # what a reader refuses is never written; checked for every group before the first is
+            check_outputs(manifests[url], url)
+        except ManifestError as e:
+            raise ManifestError(f"cannot commit: {e} (reasons of the rejected items in {rejects_url})") from None
+    for url, m in manifests.items():
+        write_manifest(url, m)
+    return m
 
 
 def _totals(entries: list[dict]) -> dict:

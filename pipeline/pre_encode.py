@@ -11,8 +11,15 @@ encoding in fp32, else fp16. Clips longer than ``sample_size`` are cut into wind
 offsets (each window a sample, ``offset_seconds`` moved, ``seconds_start`` its floor), shorter ones
 padded; ``valid_frames`` counts the latent frames that hold audio.
 
+Each input shard is checked against its manifest entry (sha256, bytes, samples) while it streams, in
+the same read: a shard that does not match (cut short, changed, missing) gives no sample and one reject
+record with the expected and actual values; more than ``--max-reject-fraction`` of the input shards
+rejected stops the stage before it commits. A sample whose JSON holds bad values is a reject naming the
+shard and the sample key.
+
 Resume: after its latent shard is written, each input shard gets ``_items/<i>.json`` (its entries
 and rejects); a re-run skips those, so a killed task finishes without repeating or dropping a sample.
+Plan, run and commit go through `pipeline.stage_driver`: a committed output is never rewritten.
 """
 from __future__ import annotations
 
@@ -24,22 +31,20 @@ import logging
 import math
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline import manifest as mf
-from pipeline import storage
-from pipeline.cli import USER_ERRORS, report_error
+from pipeline import stage_driver, storage
 from pipeline.config import ConfigError, PretransformConfig, load_model_config
 from pipeline.data import audio as audio_io
-from pipeline.data.shards import ShardWriter, iter_samples, read_json
+from pipeline.data.shards import ShardCheck, ShardWriter, VerifiedShard, read_sample_json
 from pipeline.models.blocks import fold_weight_norm
 from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config
 from pipeline.models.weights import architecture_sha256, load_autoencoder_weights
-from pipeline.tasks import task_slot
+from pipeline.stage_driver import Progress, Stage, check_reject_fraction
 
 logger = logging.getLogger("pipeline.pre_encode")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -124,42 +129,54 @@ class ShardWindows(torch.utils.data.IterableDataset):
 
     Worker w of W takes the samples i with i % W == w; the DataLoader interleaves the workers in a fixed
     order, so a shard's output does not depend on timing. Yields ``(key, window (C, T) tensor, metadata)``,
-    or ``(key, None, reason)`` for a sample that cannot be used.
+    ``(key, None, reason)`` for a sample that cannot be used, and last ``(None, None, check)``: the
+    shard as this worker streamed it against its manifest entry (`ShardCheck.to_dict`).
     """
 
-    def __init__(self, url: str, sample_rate: int, channels: int, sample_size: int, ratio: int):
+    def __init__(self, entry: dict, sample_rate: int, channels: int, sample_size: int, ratio: int):
         super().__init__()
-        self.url, self.sample_rate, self.channels = url, sample_rate, channels
+        self.entry, self.sample_rate, self.channels = entry, sample_rate, channels
         self.sample_size, self.ratio = sample_size, ratio
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, (key, members) in enumerate(iter_samples(self.url)):
+        url, shard = self.entry["url"], VerifiedShard(self.entry)
+        for i, (key, members) in enumerate(shard):
             if i % workers != worker:
                 continue
             try:
-                meta = read_json(members, self.url, key)
+                meta = read_sample_json(members, url, key)
                 if "flac" not in members:
-                    raise ValueError("no .flac member")
+                    raise ValueError(f"{url}: sample {key}: no .flac member")
                 audio, sr = audio_io.decode(members["flac"])
                 if sr != self.sample_rate:
-                    raise ValueError(f"sample rate {sr} Hz, the model expects {self.sample_rate} Hz (re-shard "
-                                     f"with --sample-rate {self.sample_rate})")
+                    raise ValueError(f"{url}: sample {key}: sample rate {sr} Hz, the model expects "
+                                     f"{self.sample_rate} Hz (re-shard with --sample-rate {self.sample_rate})")
                 audio = audio_io.set_channels(audio, self.channels)
             except ValueError as e:
                 yield key, None, str(e)
                 continue
             for suffix, piece, md in windows_of(audio, meta, self.sample_size, self.ratio, self.sample_rate):
                 yield key + suffix, torch.from_numpy(np.ascontiguousarray(piece)), md
+        yield None, None, shard.check.to_dict()
 
 
-def encode_shard(enc: Encoder, url: str, out_url: str, args) -> tuple[list[dict], list[dict]]:
-    """Encode every sample of one audio shard into one latent shard; return (entries, rejects)."""
-    props = enc.properties
-    rejects, pending = [], []
+class _NotTheListedShard(Exception):
+    def __init__(self, check: ShardCheck):
+        super().__init__(check.reason())
+        self.check = check
+
+
+def encode_shard(enc: Encoder, item: dict, out_url: str, args) -> tuple[list[dict], list[dict]]:
+    """Encode every sample of one audio shard into one latent shard; return (entries, rejects).
+
+    The shard is checked against its manifest entry (``item``: url, sha256, bytes, samples) as it streams;
+    when it does not match, nothing is written for it and the one reject record says why."""
+    props, url = enc.properties, item["url"]
+    rejects, pending, sat, checks = [], [], [], []
     writer = ShardWriter(lambda n: out_url if n == 0 else out_url.replace(".tar", f"-{n}.tar"), 1 << 40)
-    windows = ShardWindows(url, enc.sample_rate, enc.channels, props["sample_size"], props["downsampling_ratio"])
+    windows = ShardWindows(item, enc.sample_rate, enc.channels, props["sample_size"], props["downsampling_ratio"])
     loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=args.num_workers,
                                          pin_memory=str(args.device).startswith("cuda"))
 
@@ -168,24 +185,37 @@ def encode_shard(enc: Encoder, url: str, out_url: str, args) -> tuple[list[dict]
         with torch.inference_mode():
             tensors = _encode(enc, batch)
         for (key, _, md), stored in zip(pending, (dict(zip(tensors, t)) for t in zip(*tensors.values()))):
+            stored = {k: v.cpu() for k, v in stored.items()}
             body = save_safetensors({k: v.to(torch.float32 if props["dtype"] == "fp32" else torch.float16)
-                                     .cpu().contiguous() for k, v in stored.items()})
+                                     .contiguous() for k, v in stored.items()})
             writer.add(key, {"latents.safetensors": body, "json": json.dumps(md, sort_keys=True).encode()},
                        seconds=md["window_samples"] / enc.sample_rate)
             if args.format == "sat":
-                write_sat_sample(args.output, key, stored, md)
+                sat.append((key, stored, md))
         pending.clear()
 
-    with writer:
-        for key, window, md in loader:
-            if window is None:
-                rejects.append({"id": url, "key": key, "reason": md})
-                continue
-            pending.append((key, window, md))
-            if len(pending) == args.batch_size:
+    try:
+        with writer:  # an exception discards the unfinished latent shard
+            for key, window, md in loader:
+                if key is None:
+                    checks.append(ShardCheck(**md))
+                elif window is None:
+                    logger.warning("%s", md)
+                    rejects.append({"id": url, "key": key, "reason": md})
+                else:
+                    pending.append((key, window, md))
+                    if len(pending) == args.batch_size:
+                        flush()
+            bad = [c for c in checks if not c.ok]
+            if bad:
+                raise _NotTheListedShard(bad[0])
+            if pending:
                 flush()
-        if pending:
-            flush()
+    except _NotTheListedShard as e:
+        logger.warning("%s", e.check.reason())
+        return [], [e.check.reject()]
+    for key, stored, md in sat:  # only for a shard that matched its entry
+        write_sat_sample(args.output, key, stored, md)
     return [s.to_dict() for s in writer.shards], rejects
 
 
@@ -218,55 +248,69 @@ def _encode(enc: Encoder, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- plan, run, commit
 
 
-def plan(args) -> list[dict]:
-    source = mf.read_manifest(args.input, stage="shard")
-    items = [{"id": e["url"], "url": e["url"], "sha256": e["sha256"], "samples": e["samples"]} for e in source.outputs]
-    return mf.write_plan(args.output, items)
+def read_source(args) -> mf.Manifest:
+    return mf.read_manifest(args.input, stage="shard")
 
 
-def run(args, slot) -> None:
+def plan_items(args) -> list[dict]:
+    """One item per input shard, with the identity it is checked against while it streams."""
+    return [{"id": e["url"], "url": e["url"], "sha256": e["sha256"], "bytes": e["bytes"], "samples": e["samples"]}
+            for e in read_source(args).outputs]
+
+
+def run_task(args, work: list[tuple[int, dict]], slot, progress: Progress) -> tuple[list[dict], list[dict]]:
     enc = load_encoder(args)
-    source = mf.read_manifest(args.input, stage="shard")
+    source = read_source(args)
     if source.properties.get("sample_rate") not in (None, enc.sample_rate):
         raise ConfigError(f"{args.input}: audio at {source.properties['sample_rate']} Hz, but "
                           f"{args.model_config} expects {enc.sample_rate} Hz")
-    if mf.read_part(args.output, slot.index, slot.count) is not None:
-        logger.info("task %d of %d already finished", slot.index, slot.count)
-        return
-    storage.check_put_if_absent(args.output)
-    items = mf.read_plan(args.output)
-    mine = [(i, it) for i, it in enumerate(items) if i % slot.count == slot.index]
-    done_ids, outputs, rejects = [], [], []
-    start, windows = time.time(), 0
-    for n, (i, item) in enumerate(mine):
+    outputs, rejects = [], []
+    for i, item in work:
         marker = storage.join(args.output, "_items", f"{i}.json")
         if storage.exists(marker):
             record = json.loads(storage.read_bytes(marker))
         else:
             out_url = storage.join(args.output, f"latents-{slot.index:05d}-{i:06d}.tar")
-            entries, bad = encode_shard(enc, item["url"], out_url, args)
+            entries, bad = encode_shard(enc, item, out_url, args)
             record = {"outputs": entries, "rejects": bad}
             storage.write(marker, json.dumps(record).encode())
-        done_ids.append(item["id"])
         outputs += record["outputs"]
         rejects += record["rejects"]
-        windows += sum(e["samples"] for e in record["outputs"])
-        elapsed = time.time() - start
-        logger.info("shard %d/%d | %d windows | %.1f s elapsed", n + 1, len(mine), windows, elapsed)
-    mf.write_part(args.output, mf.Part(task=slot.index, num_tasks=slot.count, items=tuple(done_ids),
-                                       outputs=tuple(outputs), rejects=tuple(rejects)))
+        progress.update(samples=sum(e["samples"] for e in record["outputs"]),
+                        seconds=sum(e["seconds"] for e in record["outputs"]))
+    return outputs, rejects
 
 
-def commit(args, slot) -> mf.Manifest:
+def commit(args, stage: Stage, n: int) -> mf.Manifest:
+    check_reject_fraction(stage, n, args.max_reject_fraction, "input shards")
     enc = load_encoder(args)
-    return mf.commit(args.output, stage="pre_encode", num_tasks=slot.count, args=_args_dict(args),
+    return mf.commit(args.output, stage="pre_encode", num_tasks=n, args=_args_dict(args),
                      input=mf.input_ref(args.input), properties=enc.properties)
 
 
 def _args_dict(args) -> dict:
-    # Only what decides the output; workers and task layout may change between a crash and its re-run.
+    # Only what decides the output; the device, workers, batch size and task layout may change between
+    # a crash and its re-run (and a SLURM chain plans and commits on the CPU).
     return {k: v for k, v in vars(args).items()
-            if k not in ("debug", "command", "task_index", "num_tasks", "num_workers")}
+            if k not in ("debug", "command", "task_index", "num_tasks", "num_workers", "device", "batch_size",
+                         "dry_run", "max_reject_fraction")}
+
+
+def build_stage(args) -> Stage:
+    check_sizes(args)
+    stage = Stage(name="pre_encode", output=args.output, settings=_args_dict(args),
+                  plan_items=lambda: plan_items(args),
+                  run_task=lambda work, slot, progress: run_task(args, work, slot, progress),
+                  commit=lambda n: commit(args, stage, n))
+    return stage
+
+
+def dry_run(args) -> None:
+    check_sizes(args)
+    enc = load_encoder(args)
+    source = read_source(args)
+    logger.info("dry run: %d input shards, %d samples, properties %s", len(source.outputs),
+                source.totals.get("samples", 0), json.dumps(enc.properties))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--format", choices=("cantus", "sat"), default="cantus",
                    help="sat also writes SAT's pre_encoded layout (.npy + .json per sample)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.05,
+                   help="fail if more than this fraction of input shards gives no sample (e.g. a shard that "
+                        "does not match its manifest entry)")
     p.add_argument("--task-index", type=int, default=None, help="this task (default: SLURM array / ranks)")
     p.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM array / ranks)")
     p.add_argument("--dry-run", action="store_true", help="check config and input, print the plan, exit")
@@ -297,35 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s pre_encode %(message)s")
-    try:
-        slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
-        if args.sample_size is not None and args.sample_size <= 0:
-            raise ConfigError(f"--sample-size={args.sample_size}: expected a positive number of samples")
-        if args.dry_run:
-            enc = load_encoder(args)
-            source = mf.read_manifest(args.input, stage="shard")
-            logger.info("dry run: %d input shards, %d samples, properties %s", len(source.outputs),
-                        source.totals.get("samples", 0), json.dumps(enc.properties))
-            return 0
-        ratio_check(args)
-        if args.command == "plan" or (args.command == "run" and slot.count == 1):
-            plan(args)
-        if args.command == "run":
-            run(args, slot)
-        if args.command == "commit" or (args.command == "run" and slot.count == 1):
-            m = commit(args, slot)
-            logger.info("%d latent samples in %d shards -> %s", m.totals.get("samples", 0),
-                        m.totals.get("outputs", 0), storage.join(args.output, "manifest.json"))
-    except USER_ERRORS as e:
-        return report_error(e, args.debug)
-    return 0
+    return stage_driver.main(args, build=lambda: build_stage(args), dry_run=lambda: dry_run(args))
 
 
-def ratio_check(args) -> None:
-    """--sample-size must be a whole number of latent frames."""
+def check_sizes(args) -> None:
+    """--sample-size must be a positive whole number of latent frames; --max-reject-fraction a fraction."""
+    if not 0 <= args.max_reject_fraction <= 1:
+        raise ConfigError(f"--max-reject-fraction={args.max_reject_fraction}: expected a fraction in [0, 1]")
     if args.sample_size is None:
         return
+    if args.sample_size <= 0:
+        raise ConfigError(f"--sample-size={args.sample_size}: expected a positive number of samples")
     cfg = load_model_config(args.model_config)
     ratio = (cfg.model.autoencoder or cfg.model.pretransform.autoencoder).downsampling_ratio
     if args.sample_size % ratio:

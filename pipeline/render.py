@@ -11,7 +11,8 @@ The plan lists one work item per (checkpoint, prompt, CFG, seed), with everythin
 it (metadata, sampler, steps, length, the checkpoint's identity); task ``k`` of ``N`` owns items
 ``i % N == k``, loads each of its checkpoints once and batches its items. An item is done when its JSON
 (written last) exists, so a killed task resumes where it stopped. Because `pipeline.generate` seeds
-each item's own generator, an item's audio does not depend on the batch size or the split.
+each item's own generator, an item's audio does not depend on the batch size or the split. Plan, run
+and commit go through `pipeline.stage_driver`: a committed output is never rewritten.
 
 Defaults come from each checkpoint's config: steps from ``training.demo.demo_steps``, CFG scales from
 ``training.demo.demo_cfg_scales``, the sampler from ``training.cantus.demo_sampler`` or the objective's
@@ -30,8 +31,7 @@ import time
 import torch
 
 from pipeline import manifest as mf
-from pipeline import storage
-from pipeline.cli import USER_ERRORS, report_error
+from pipeline import stage_driver, storage
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.generate import generate
 from pipeline.models import create_model_from_config
@@ -40,6 +40,7 @@ from pipeline.render_plan import (Checkpoint, load_checkpoint_config, load_check
 from pipeline.report.clips import clip_files
 from pipeline.render_refs import write_references
 from pipeline.report.page import Clip, Reference, prompt_header, render_page
+from pipeline.stage_driver import Progress, Stage
 from pipeline.tasks import task_slot
 
 logger = logging.getLogger("pipeline.render")
@@ -59,27 +60,19 @@ def build_plan(args) -> tuple[list[dict], dict[str, ModelConfig]]:
     return items, configs
 
 
-def plan(args) -> list[dict]:
-    items, _ = build_plan(args)
-    return mf.write_plan(args.output, items)
-
-
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(args, slot) -> None:
-    if mf.read_part(args.output, slot.index, slot.count) is not None:
-        logger.info("task %d of %d already finished", slot.index, slot.count)
-        return
-    storage.check_put_if_absent(args.output)
-    mine = mf.items_for_task(mf.read_plan(args.output), slot.index, slot.count)
+def run_task(args, work: list[tuple[int, dict]], slot, progress: Progress) -> tuple[list[dict], list[dict]]:
+    """Render this task's items not rendered yet (an item is done when its JSON, written last, exists)."""
+    mine = [it for _, it in work]
     pending = [it for it in mine if not storage.exists(_url(args.output, it, ".json"))]
     logger.info("task %d of %d: %d items, %d already rendered", slot.index, slot.count, len(mine),
                 len(mine) - len(pending))
+    progress.update(items=len(mine) - len(pending))
     by_checkpoint: dict[str, list[dict]] = {}
     for item in pending:
         by_checkpoint.setdefault(item["checkpoint"], []).append(item)
-    start, done = time.time(), 0
     for name, items in by_checkpoint.items():
         checkpoint = Checkpoint(name=name, url=items[0]["checkpoint_url"], step=items[0]["step"],
                                 identity=items[0]["checkpoint_identity"])
@@ -92,15 +85,13 @@ def run(args, slot) -> None:
         load_seconds = time.time() - t0
         for batch in _batches(items, args.batch_size):
             render_batch(args, model, batch, load_seconds)
-            done += len(batch)
-            logger.info("%s: %d/%d items | %.1f s elapsed", name, done, len(pending), time.time() - start)
+            progress.update(items=len(batch), samples=len(batch), seconds=sum(it["seconds"] for it in batch))
         del model
     outputs = [mf.entry("render", audio=_url(args.output, it, ".flac"), image=_url(args.output, it, ".png"),
                         json=_url(args.output, it, ".json"), checkpoint=it["checkpoint"],
                         prompt_id=it["prompt_id"], cfg=it["cfg"], seed=it["seed"], seconds=it["seconds"])
                for it in mine]
-    mf.write_part(args.output, mf.Part(task=slot.index, num_tasks=slot.count,
-                                       items=tuple(it["id"] for it in mine), outputs=tuple(outputs)))
+    return outputs, []
 
 
 def _url(out: str, item: dict, ext: str) -> str:
@@ -247,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dry_run(args, slot) -> None:
+def dry_run(args) -> None:
+    slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
     items, configs = build_plan(args)
     for name, cfg in configs.items():
         with torch.device("meta"):
@@ -259,33 +251,18 @@ def dry_run(args, slot) -> None:
                 len(items), len(configs), len({it["prompt_id"] for it in items}), len(mine), slot.index, slot.count)
 
 
+def build_stage(args) -> Stage:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size}: expected at least 1")
+    return Stage(name="render", output=args.output, settings=_args_dict(args),
+                 plan_items=lambda: build_plan(args)[0],
+                 run_task=lambda work, slot, progress: run_task(args, work, slot, progress),
+                 commit=lambda n: commit(args, n))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s render %(message)s")
-    try:
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size={args.batch_size}: expected at least 1")
-        if args.command == "commit":  # the commit job is not one of the tasks: it only needs their count
-            slot = task_slot(task_index=0 if args.num_tasks else None, num_tasks=args.num_tasks)
-        else:
-            slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
-        if args.dry_run:
-            dry_run(args, slot)
-            return 0
-        alone = slot.count == 1
-        if args.command == "plan" or args.command == "run":
-            items = plan(args)  # write-once: every task may plan; a different plan is refused
-            logger.info("plan: %d items -> %s", len(items), mf.plan_url(args.output))
-        if args.command == "run":
-            run(args, slot)
-        if args.command == "commit" or (args.command == "run" and alone):
-            m = commit(args, slot.count)
-            logger.info("%d clips, %.1f s of audio -> %s (page %s)", m.totals.get("outputs", 0),
-                        m.totals.get("seconds", 0.0), storage.join(args.output, "manifest.json"),
-                        m.properties["page"])
-    except USER_ERRORS as e:
-        return report_error(e, args.debug)
-    return 0
+    return stage_driver.main(args, build=lambda: build_stage(args), dry_run=lambda: dry_run(args))
 
 
 if __name__ == "__main__":

@@ -24,30 +24,30 @@ them; ``duration`` (seconds in this sample); ``source`` (URL) and ``source_path`
 
 Resume: a task whose part file exists is skipped. A task killed before its part file is redone from
 the start; shard names and bytes are deterministic, so it overwrites its earlier shards with the same
-content and nothing is duplicated or lost.
+content and nothing is duplicated or lost. A committed output is never rewritten: a re-run with the same
+settings and task count is a no-op, any other is refused, and so is a run whose task count differs from
+that of parts already written (`pipeline.stage_driver`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 
 from pipeline import manifest as mf
-from pipeline import storage
-from pipeline.config import canonical_json
+from pipeline import stage_driver, storage
 from pipeline.data import audio as audio_io
 from pipeline.data import sources
 from pipeline.data.shards import ShardWriter
 from pipeline.data.spool import SampleSpool
-from pipeline.tasks import task_slot
+from pipeline.stage_driver import Progress, Stage, StageError, check_reject_fraction
+from pipeline.tasks import TaskSlot, task_slot
 
 logger = logging.getLogger("pipeline.shard")
 
@@ -58,10 +58,6 @@ RESERVED = ("prompt", "offset_seconds", "seconds_start", "seconds_total", "durat
 OUTPUT_ARGS = ("input", "captions", "sample_rate", "channels", "window_seconds", "min_seconds", "silence_db",
                "val_fraction", "shard_size_mb", "max_seconds")
 """Arguments that change what is written; every task of one output must agree on them."""
-
-
-class ShardStageError(RuntimeError):
-    """A condition that stops the stage: one line, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------- one source
@@ -156,14 +152,15 @@ def _local_file(url: str) -> Iterator[str]:
 # ------------------------------------------------------------------------------------- plan/run/commit
 
 
-def plan(args: argparse.Namespace) -> list[dict]:
+def plan_items(args: argparse.Namespace) -> list[dict]:
+    """The input files with their captions (lists --input once; writes nothing)."""
     items, ignored = sources.discover(args.input, args.captions)
     if ignored:
         logger.warning("ignored %d non-audio files under %s: %s", sum(ignored.values()), args.input,
                        ", ".join(f"{n} x {ext}" for ext, n in ignored.most_common()))
     if not items:
-        raise ShardStageError(f"--input {args.input}: no audio files found (looked for extensions "
-                              f"{', '.join(sorted(sources.AUDIO_EXTENSIONS)[:8])}, ...)")
+        raise StageError(f"--input {args.input}: no audio files found (looked for extensions "
+                         f"{', '.join(sorted(sources.AUDIO_EXTENSIONS)[:8])}, ...)")
     if args.captions:
         table = sources.read_captions(args.captions)
         used = set()
@@ -176,50 +173,30 @@ def plan(args: argparse.Namespace) -> list[dict]:
         if unused:
             logger.warning("%d rows of %s name no file under --input (e.g. %s)", len(unused), args.captions,
                            ", ".join(unused[:3]))
-    if args.dry_run:
-        return sorted(items, key=lambda it: it["id"])
-    _check_args_snapshot(args)  # after the inputs and captions read well: a typo can still be fixed
-    items = mf.write_plan(args.output, items)
-    logger.info("planned %d files (%.1f MB) -> %s", len(items), sum(it["size"] for it in items) / 1e6,
-                mf.plan_url(args.output))
-    return items
+    return sorted(items, key=lambda it: it["id"])
 
 
-def run_task(args: argparse.Namespace, plan_items: list[dict], k: int, n: int) -> None:
-    if mf.read_part(args.output, k, n) is not None:
-        logger.info("task %d of %d already finished (%s): skipped", k, n, mf.part_url(args.output, k, n))
-        return
-    mine = mf.items_for_task(plan_items, k, n)
-    max_bytes = int(args.shard_size_mb * 1024 * 1024)
-    outputs, rejects, done = [], [], []
-    progress = Progress(len(mine), f"task {k}/{n}")
+def run_task(args: argparse.Namespace, work: list[tuple[int, dict]], slot: TaskSlot,
+             progress: Progress) -> tuple[list[dict], list[dict]]:
+    """Shard this task's files into ``shard-<k>-<n>.tar`` (``val/`` for the validation split)."""
+    k, max_bytes = slot.index, int(args.shard_size_mb * 1024 * 1024)
+    rejects = []
     with ShardWriter(lambda i: storage.join(args.output, f"shard-{k:05d}-{i:05d}.tar"), max_bytes) as train, \
             ShardWriter(lambda i: storage.join(args.output, "val", f"shard-{k:05d}-{i:05d}.tar"), max_bytes) as val:
-        for item in mine:
+        for _, item in work:
             samples, bad, seconds = process_source(item, args)
             writer = val if sources.is_val(item["path"], args.val_fraction) else train
             for key, members, sample_seconds in samples:
                 writer.add(key, members, sample_seconds)
             rejects += bad
-            done.append(item["id"])
-            progress.update(seconds)
+            progress.update(samples=len(samples), seconds=seconds)
     outputs = [dict(s.to_dict(), val=False) for s in train.shards] + [dict(s.to_dict(), val=True) for s in val.shards]
-    mf.write_part(args.output, mf.Part(task=k, num_tasks=n, items=done, outputs=outputs, rejects=rejects))
-    progress.close(f"{len(outputs)} shards, {len(rejects)} reject records")
+    return outputs, rejects
 
 
-def commit(args: argparse.Namespace, n: int) -> tuple[mf.Manifest, int]:
-    """Merge the parts; -> (main manifest, number of input files that gave no sample)."""
-    plan_items = mf.read_plan(args.output)
-    parts = [mf.read_part(args.output, k, n) for k in range(n)]
-    rejects = [r for p in parts if p is not None for r in p.rejects]
-    failed = sum(1 for r in rejects if "key" not in r)  # one file-level record per file without samples
-    if all(parts) and failed > args.max_reject_fraction * len(plan_items):  # mf.commit reports missing parts
-        url = storage.join(args.output, "rejects.jsonl")
-        storage.write(url, "".join(canonical_json(r) + "\n" for r in rejects).encode())
-        raise ShardStageError(f"{failed} of {len(plan_items)} input files gave no sample "
-                              f"({failed / len(plan_items):.1%} > --max-reject-fraction "
-                              f"{args.max_reject_fraction}); reasons in {url}")
+def commit(args: argparse.Namespace, stage: Stage, n: int) -> mf.Manifest:
+    """Merge the parts into ``manifest.json`` (and ``val/manifest.json``)."""
+    failed = check_reject_fraction(stage, n, args.max_reject_fraction, "input files")
 
     def split(entries: list[dict]) -> dict[str, list[dict]]:
         groups = {"": [e for e in entries if not e["val"]]}
@@ -230,64 +207,35 @@ def commit(args: argparse.Namespace, n: int) -> tuple[mf.Manifest, int]:
     m = mf.commit(args.output, stage="shard", num_tasks=n, args=_output_args(args),
                   input=mf.input_ref(mf.plan_url(args.output)),
                   properties={"sample_rate": args.sample_rate, "channels": args.channels}, group=split)
-    return m, failed
+    val = ""
+    if args.val_fraction > 0:
+        t = mf.read_manifest(storage.join(args.output, "val", "manifest.json")).totals
+        val = f" (val/: {t.get('samples', 0)} samples, {t.get('seconds', 0.0):.1f} s)"
+    logger.info("%d samples, %.1f s of audio, %d shards%s; %d of %d files gave no sample; %d reject records in %s",
+                m.totals.get("samples", 0), m.totals.get("seconds", 0.0), m.totals["outputs"], val, failed,
+                m.totals["items"], m.totals["rejects"], m.rejects)
+    return m
 
 
 def _output_args(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in OUTPUT_ARGS}
 
 
-def _check_args_snapshot(args: argparse.Namespace) -> None:
-    """All tasks and re-runs of one output must shard with the same settings (write-once snapshot)."""
-    url, want = storage.join(args.output, "_args.json"), _output_args(args)
-    if storage.put_if_absent(url, canonical_json(want).encode()):
-        return
-    have = json.loads(storage.read_bytes(url))
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    if differ:
-        changes = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
-        raise ShardStageError(f"{args.output} was planned with other settings ({changes}); use a new --output")
+def build_stage(args: argparse.Namespace) -> Stage:
+    stage = Stage(name="shard", output=args.output, settings=_output_args(args),
+                  plan_items=lambda: plan_items(args),
+                  run_task=lambda work, slot, progress: run_task(args, work, slot, progress),
+                  commit=lambda n: commit(args, stage, n))
+    return stage
 
 
-# ------------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Files, seconds of audio, rate and ETA: a tqdm bar on a terminal, else a log line every few seconds."""
-
-    def __init__(self, total: int, label: str, every: float = 5.0):
-        self.total, self.label, self.every = total, label, every
-        self.files, self.seconds, self.start, self.last = 0, 0.0, time.monotonic(), time.monotonic()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=label, unit="file", dynamic_ncols=True)
-
-    def update(self, seconds: float) -> None:
-        self.files += 1
-        self.seconds += seconds
-        now = time.monotonic()
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"{self.seconds:.0f} s audio, {self._speed():.0f}x realtime", refresh=False)
-        elif now - self.last >= self.every:
-            self.last = now
-            logger.info("%s", self._line())
-
-    def _speed(self) -> float:
-        return self.seconds / max(time.monotonic() - self.start, 1e-9)
-
-    def _line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.files * (self.total - self.files) if self.files else float("nan")
-        return (f"{self.label} | files {self.files}/{self.total} | audio {self.seconds:.1f} s | "
-                f"{self.files / max(elapsed, 1e-9):.1f} files/s | {self._speed():.1f}x realtime | "
-                f"eta {eta:.0f} s")
-
-    def close(self, summary: str) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        logger.info("%s | %s", self._line(), summary)
+def dry_run(args: argparse.Namespace) -> None:
+    slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
+    items = plan_items(args)
+    mine = mf.items_for_task(items, slot.index, slot.count)
+    captioned = sum(1 for it in items if "caption" in it or "sidecar" in it)
+    logger.info("dry run: %d files (%.1f MB), %d with a caption or sidecar; task %d of %d owns %d", len(items),
+                sum(it["size"] for it in items) / 1e6, captioned, slot.index, slot.count, len(mine))
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -344,54 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.command == "commit" and args.task_index is None:
-            slot = task_slot(task_index=0, num_tasks=args.num_tasks or 1) if args.num_tasks else task_slot()
-        else:
-            slot = task_slot(task_index=args.task_index, num_tasks=args.num_tasks)
-        logger.info("shard %s | task %d of %d | %s -> %s | %d Hz, %d ch, window %s s", args.command,
-                    slot.index, slot.count, args.input, args.output, args.sample_rate, args.channels,
-                    args.window_seconds)
-        logger.info("settings: %s", canonical_json(_output_args(args)))
-        if args.dry_run:
-            items = plan(args)
-            mine = mf.items_for_task(items, slot.index, slot.count)
-            captioned = sum(1 for it in items if "caption" in it or "sidecar" in it)
-            logger.info("dry run: %d files (%.1f MB), %d with a caption or sidecar; task %d of %d owns %d",
-                        len(items), sum(it["size"] for it in items) / 1e6, captioned, slot.index, slot.count,
-                        len(mine))
-            return 0
-        storage.check_put_if_absent(args.output)
-        alone = slot.count == 1 and args.command == "run"
-        if args.command == "plan" or alone:
-            items = plan(args)
-        if args.command == "plan":
-            return 0
-        if args.command == "run":
-            if not alone:
-                items = mf.read_plan(args.output)
-                _check_args_snapshot(args)
-            run_task(args, items, slot.index, slot.count)
-        if args.command == "commit" or alone:
-            # A commit job runs outside the array: --num-tasks alone says how many parts to merge.
-            n = args.num_tasks if args.command == "commit" and args.num_tasks else slot.count
-            m, failed = commit(args, n)
-            val = ""
-            if args.val_fraction > 0:
-                t = mf.read_manifest(storage.join(args.output, "val", "manifest.json")).totals
-                val = f" (val/: {t.get('samples', 0)} samples, {t.get('seconds', 0.0):.1f} s)"
-            logger.info("%d samples, %.1f s of audio, %d shards%s; %d of %d files gave no sample; %d reject "
-                        "records in %s", m.totals.get("samples", 0), m.totals.get("seconds", 0.0),
-                        m.totals["outputs"], val, failed, m.totals["items"], m.totals["rejects"], m.rejects)
-            logger.info("manifest: %s", storage.join(args.output, "manifest.json"))
-        return 0
-    except (ShardStageError, ValueError, storage.StorageError) as e:  # ManifestError, CaptionError are ValueErrors
-        if args.debug:
-            raise
-        logger.error("%s", e)
-        return 2
+    return stage_driver.main(args, build=lambda: build_stage(args), dry_run=lambda: dry_run(args))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ def task_slot(env: Mapping[str, str] | None = None, task_index: int | None = Non
     return TaskSlot(array_index * ranks + rank, array_count * ranks)
 
 
+def task_count(env: Mapping[str, str] | None = None, num_tasks: int | None = None) -> int:
+    """N for a step that is not one of the tasks (a commit job merging their parts): ``num_tasks`` (the
+    ``--num-tasks`` flag) if given, else the count `task_slot` finds in ``env``."""
+    if num_tasks is not None:
+        if num_tasks < 1:
+            raise ValueError(f"--num-tasks={num_tasks}: expected at least 1")
+        return num_tasks
+    return task_slot(env).count
+
+
 def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(env[name])

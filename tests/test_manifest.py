@@ -76,6 +76,55 @@ def test_read_manifest_rejects_bad_content_naming_the_url(store_url, edit, messa
         mf.read_manifest(url)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["outputs"][1].update(samples=-1), r"outputs\[1\].samples=-1: expected a finite number >= 0"),
+    (lambda d: d["outputs"][0].update(bytes=-100), r"outputs\[0\].bytes=-100: expected a finite number >= 0"),
+    (lambda d: d["outputs"][0].update(seconds=float("nan")), r"outputs\[0\].seconds=nan: expected a finite"),
+    (lambda d: d["outputs"][0].update(sha256="A" * 64), r"outputs\[0\].sha256='A+': expected 64 lowercase hex"),
+    (lambda d: d.update(outputs=[*d["outputs"], dict(d["outputs"][0])]),
+     r"outputs\[2\].url='s3://b/out/shard-0-0.tar' is listed twice \(also outputs\[0\]\)"),
+    (lambda d: d["totals"].update(samples=5), r"totals.samples=5, but the outputs hold 4"),
+    (lambda d: d.update(outputs=[], totals={}), r"holds no sample \(0 outputs, 0 samples\)"),
+    (lambda d: [e.update(samples=0) for e in d["outputs"]] and d.update(totals={}), r"holds no sample \(2 outputs"),
+])
+def test_read_manifest_refuses_impossible_counts_duplicates_and_empty_outputs(store_url, edit, message):
+    url = storage.join(store_url, "manifest.json")
+    d = make_manifest().to_dict()
+    edit(d)
+    storage.write(url, json.dumps(d).encode())
+    with pytest.raises(mf.ManifestError, match=f"^{re.escape(url)}: {message}"):
+        mf.read_manifest(url)
+
+
+def test_a_render_manifest_listing_one_clip_twice_is_refused(tmp_path):
+    clip = mf.entry("render", audio="o/a.flac", image="o/a.png", json="o/a.json", checkpoint="c", prompt_id="p",
+                    cfg=3.0, seed=0)
+    url = str(tmp_path / "manifest.json")
+    storage.write(url, json.dumps(make_manifest(stage="render", totals={}, outputs=(clip, clip)).to_dict()).encode())
+    with pytest.raises(mf.ManifestError, match=r"outputs\[1\].audio='o/a.flac' is listed twice"):
+        mf.read_manifest(url)
+
+
+def test_commit_refuses_an_output_without_samples_and_writes_no_manifest(store_url):
+    run_tasks(store_url, 2, items=4, reject={f"src/{i:03d}.flac" for i in range(4)})
+    with pytest.raises(mf.ManifestError, match=r"cannot commit: .*manifest.json: holds no sample .*rejects.jsonl"):
+        mf.commit(store_url, stage="shard", num_tasks=2, args={}, input=INPUT, properties={})
+    assert not storage.exists(storage.join(store_url, "manifest.json"))
+    run_tasks(storage.join(store_url, "b"), 2, items=4)
+    with pytest.raises(mf.ManifestError, match=r"cannot commit: .*/b/val/manifest.json: holds no sample"):
+        mf.commit(storage.join(store_url, "b"), stage="shard", num_tasks=2, args={}, input=INPUT, properties={},
+                  group=lambda es: {"": es, "val": []})
+    assert not storage.exists(storage.join(store_url, "b", "manifest.json"))
+
+
+def test_part_task_counts_lists_the_parts_by_task_count(store_url):
+    run_tasks(store_url, 2, items=4)
+    mf.write_part(store_url, mf.Part(task=1, num_tasks=3, items=(), outputs=()))
+    counts = mf.part_task_counts(store_url)
+    assert sorted(counts) == [2, 3] and counts[3] == [mf.part_url(store_url, 1, 3)] and len(counts[2]) == 2
+    assert mf.part_task_counts(storage.join(store_url, "nothing")) == {}
+
+
 def test_read_manifest_names_missing_partial_and_wrong_stage_manifests(store_url):
     url = storage.join(store_url, "manifest.json")
     with pytest.raises(mf.ManifestError, match=f"^{re.escape(url)}: no manifest here"):
@@ -135,7 +184,8 @@ def test_commit_merges_parts_writes_manifest_and_rejects_and_is_a_no_op_when_rep
     assert mf.read_part(store_url, 0, 4) is None  # a different task count: not finished
     m = mf.commit(store_url, stage="shard", num_tasks=3, args={"a": 1}, input=INPUT, properties={"sr": 44100})
     assert m == mf.read_manifest(storage.join(store_url, "manifest.json"))
-    assert m.totals == {"outputs": 7, "samples": 14, "bytes": 1400, "seconds": 21.0, "items": 8, "rejects": 1}
+    assert m.totals == {"outputs": 7, "samples": 14, "bytes": 1400, "seconds": 21.0, "items": 8, "rejects": 1,
+                        "tasks": 3}
     assert m.rejects == storage.join(store_url, "rejects.jsonl")
     assert storage.read_bytes(m.rejects) == b'{"id":"src/004.flac","reason":"silent"}\n'
     again = mf.commit(store_url, stage="shard", num_tasks=3, args={"a": 1}, input=INPUT, properties={"sr": 44100})

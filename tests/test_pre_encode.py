@@ -189,3 +189,106 @@ def test_decoding_in_worker_processes_gives_the_same_samples(tmp_path, vae_files
     for key, (tensors, md) in inline.items():
         assert workers[key][1] == md
         torch.testing.assert_close(workers[key][0]["mean"], tensors["mean"], rtol=1e-5, atol=1e-6)
+
+
+def encode(audio_url, out_url, config, ckpt, *extra):
+    return main(["--input", storage.join(audio_url, "manifest.json"), "--model-config", str(config),
+                 "--pretransform-ckpt", str(ckpt), "--output", out_url, *extra])
+
+
+def cut_on_a_member_boundary(url: str, keep_samples: int) -> None:
+    """Rewrite the tar at ``url`` without its samples after the first ``keep_samples``, cut exactly
+    where the next member's header starts (so the tar reader sees a clean end)."""
+    import io
+    import tarfile
+    data = storage.read_bytes(url)
+    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    storage.write(url, data[:members[2 * keep_samples].offset])
+
+
+def edit_manifest(url: str, edit) -> None:
+    d = json.loads(storage.read_bytes(url))
+    edit(d)
+    storage.write(url, json.dumps(d).encode())
+
+
+def test_a_shard_cut_on_a_member_boundary_fails_the_stage_naming_it_and_nothing_is_committed(
+        store_url, vae_files, capsys):
+    config, ckpt, _ = vae_files
+    audio_url, out_url = storage.join(store_url, "audio"), storage.join(store_url, "latents")
+    make_audio_manifest(audio_url, clips_per_shard=5, shards=2)
+    entry = mf.read_manifest(storage.join(audio_url, "manifest.json")).outputs[1]
+    cut_on_a_member_boundary(entry["url"], keep_samples=2)
+    assert encode(audio_url, out_url, config, ckpt) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 2 input shards gave no sample (50.0% > --max-reject-fraction 0.05)" in err
+    assert f"{entry['url']} does not match its manifest entry" in err and "samples 2 (manifest: 5)" in err
+    assert f"(manifest: {entry['bytes']})" in err
+    assert not storage.exists(storage.join(out_url, "manifest.json"))
+    (record,) = [json.loads(line) for line in storage.read_bytes(storage.join(out_url, "rejects.jsonl")).splitlines()]
+    assert record["id"] == entry["url"] and record["expected"]["samples"] == 5 and record["actual"]["samples"] == 2
+    assert record["actual"]["bytes"] == storage.size(entry["url"]) < entry["bytes"]
+    assert record["actual"]["sha256"] == storage.sha256_url(entry["url"]) != entry["sha256"]
+    assert not storage.exists(storage.join(out_url, "latents-00000-000001.tar")), "no latents from the cut shard"
+
+
+def test_a_manifest_entry_with_a_wrong_sha256_fails_the_stage_unless_rejects_are_allowed(tmp_path, vae_files, capsys):
+    config, ckpt, _ = vae_files
+    audio_url = str(tmp_path / "audio")
+    clips = make_audio_manifest(audio_url, clips_per_shard=3, shards=2)
+    first = mf.read_manifest(storage.join(audio_url, "manifest.json")).outputs[0]
+    edit_manifest(storage.join(audio_url, "manifest.json"), lambda d: d["outputs"][0].update(sha256="f" * 64))
+    strict = str(tmp_path / "strict")
+    assert encode(audio_url, strict, config, ckpt, "--format", "sat") == 2
+    err = capsys.readouterr().err
+    assert f"{first['url']} does not match its manifest entry: sha256 {first['sha256']} (manifest: {'f' * 64})" in err
+    assert not (Path(strict) / "manifest.json").exists()
+    sat = {p.stem for p in (Path(strict) / "sat").glob("*.npy")}
+    assert sat and all(k.startswith("clip1") for k in sat), "SAT files only from the shard that matched"
+
+    lenient = str(tmp_path / "lenient")
+    assert encode(audio_url, lenient, config, ckpt, "--max-reject-fraction", "0.5") == 0
+    m = mf.read_manifest(storage.join(lenient, "manifest.json"))
+    assert m.totals["rejects"] == 1 and m.totals["items"] == 2
+    assert sorted(read_latents(storage.join(lenient, "manifest.json"))) == \
+        sorted(f"{k}_w{j}" if window_count(a) > 1 else k for k, a in clips.items() if k.startswith("clip1")
+               for j in range(window_count(a)))
+
+
+def test_a_sample_with_a_bad_json_value_is_one_reject_naming_the_shard_and_the_key(tmp_path, vae_files, caplog):
+    config, ckpt, _ = vae_files
+    audio_url, out_url = str(tmp_path / "audio"), str(tmp_path / "latents")
+    shard_url = storage.join(audio_url, "shard-0-0.tar")
+    with ShardWriter(lambda n: shard_url, 1 << 30) as writer:
+        for c, offset in enumerate((0.0, "soon", 2.0)):
+            md = {"prompt": f"tone {c}", "offset_seconds": offset, "seconds_start": 0, "seconds_total": 3}
+            writer.add(f"clip{c}", {"flac": encode_flac(tone(0.01, 220, c), SR), "json": json.dumps(md).encode()})
+    m = mf.Manifest(stage="shard", args={}, input={"url": "test", "sha256": "0"},
+                    properties={"sample_rate": SR, "channels": 1}, outputs=tuple(s.to_dict() for s in writer.shards))
+    mf.write_manifest(storage.join(audio_url, "manifest.json"), m)
+    assert encode(audio_url, out_url, config, ckpt) == 0
+    assert sorted(read_latents(storage.join(out_url, "manifest.json"))) == ["clip0", "clip2"]
+    reason = f"{shard_url}: sample clip1.json: offset_seconds='soon', expected a finite number >= 0"
+    (record,) = [json.loads(line) for line in storage.read_bytes(storage.join(out_url, "rejects.jsonl")).splitlines()]
+    assert record == {"id": shard_url, "key": "clip1", "reason": reason}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [reason]
+
+
+def test_a_committed_latent_output_is_never_rewritten(tmp_path, vae_files, capsys):
+    config, ckpt, _ = vae_files
+    audio_url, out_url = str(tmp_path / "audio"), str(tmp_path / "latents")
+    make_audio_manifest(audio_url, clips_per_shard=2, shards=3)
+    assert encode(audio_url, out_url, config, ckpt, "plan") == 0
+    for k in (0, 1):
+        assert encode(audio_url, out_url, config, ckpt, "--task-index", str(k), "--num-tasks", "2") == 0
+    assert encode(audio_url, out_url, config, ckpt, "commit", "--num-tasks", "2") == 0
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(out_url).rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert encode(audio_url, out_url, config, ckpt, "--task-index", "0", "--num-tasks", "3") == 2
+    assert "is committed with other task count (2 there, 3 now)" in capsys.readouterr().err
+    assert encode(audio_url, out_url, config, ckpt, "commit", "--num-tasks", "2", "--sample-size", "1024") == 2
+    assert "sample_size: None there, 1024 now" in capsys.readouterr().err
+    for step in (["--task-index", "1", "--num-tasks", "2"], ["commit", "--task-index", "0", "--num-tasks", "2"]):
+        assert encode(audio_url, out_url, config, ckpt, *step, "--device", "cpu", "--batch-size", "3") == 0
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(out_url).rglob("*") if p.is_file()}
+    assert after == files

@@ -183,7 +183,9 @@ def test_inputs_are_checked_with_a_message_that_says_what_to_change(config, tmp_
     # Re-planning the same output with other settings is refused.
     assert render.main(["--checkpoints", bare, "--model-config", str(config_file), "--output",
                         str(tmp_path / "a"), *base[:-2], "--seconds", "0.008"]) == 2
-    assert "a different plan already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is committed with other settings (seconds: 0.004 there, 0.008 now); plan (1 items there, 1 now, " \
+        "other items)" in err
 
 
 def test_dry_run_checks_everything_and_writes_nothing(config, tmp_path):
@@ -222,3 +224,25 @@ def test_reference_clips_nearest_to_each_prompt_go_through_the_vae_onto_the_page
     assert rate == 8000 and audio.shape == (4000, 1)  # 0.5 s through a ratio-4 VAE
     page = storage.read_bytes(storage.join(out, "index.html")).decode()
     assert "real clips" in page and 'src="references/fl/0.flac"' in page and "through the VAE" in page
+
+
+def test_a_committed_render_is_never_rewritten(config, tmp_path, capsys):
+    ckpt = str(tmp_path / "tiny.safetensors")
+    renderkit.export_checkpoint(ckpt, config)
+    prompts = write_prompts(str(tmp_path / "p.jsonl"))
+    out = str(tmp_path / "out")
+    assert render.main(["plan", *args_for(ckpt, prompts, out)]) == 0
+    for k in (0, 1):
+        assert render.main(args_for(ckpt, prompts, out, "--task-index", str(k), "--num-tasks", "2")) == 0
+    assert render.main(["commit", *args_for(ckpt, prompts, out, "--num-tasks", "2")]) == 0
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for extra in (["--task-index", "0", "--num-tasks", "3"], []):
+        assert render.main(args_for(ckpt, prompts, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is committed with other task count (2 there, " in err
+    assert render.main(["commit", *args_for(ckpt, prompts, out, "--num-tasks", "2", "--seeds", "0,1")]) == 2
+    assert "settings (seeds: [0, 1, 2] there, [0, 1] now)" in capsys.readouterr().err
+    assert render.main(args_for(ckpt, prompts, out, "--task-index", "1", "--num-tasks", "2", "--batch-size", "5")) == 0
+    assert render.main(["commit", *args_for(ckpt, prompts, out, "--num-tasks", "2")]) == 0
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()} == files

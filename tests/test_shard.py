@@ -144,13 +144,13 @@ def test_two_tasks_plus_commit_equal_one_task(corpus, tmp_path):
     assert all(len(s) == 1 for s in sides.values()) and {"", "val"} == set().union(*sides.values())
 
 
-def test_commit_before_every_task_finished_names_the_missing_task(corpus, tmp_path, caplog):
+def test_commit_before_every_task_finished_names_the_missing_task(corpus, tmp_path, capsys):
     root, _ = corpus
     out = str(tmp_path / "out")
     assert shard(root, out, "plan") == 0
     assert shard(root, out, "--task-index", "0", "--num-tasks", "2") == 0
     assert shard(root, out, "commit", "--num-tasks", "2") == 2
-    assert "tasks 1" in caplog.text and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert "tasks 1" in capsys.readouterr().err and not os.path.exists(os.path.join(out, "manifest.json"))
 
 
 @pytest.fixture
@@ -182,34 +182,35 @@ def test_shards_local_and_s3_input_and_output(small_input, store_url):
     assert m.outputs[0]["url"] == storage.join(out, "shard-00000-00000.tar")
 
 
-def test_too_many_rejects_fail_after_writing_rejects_jsonl(small_input, store_url, caplog):
+def test_too_many_rejects_fail_after_writing_rejects_jsonl(small_input, store_url, capsys):
     src, _ = small_input
     out = storage.join(store_url, "out")
     assert main(["--input", src, "--output", out, "--sample-rate", "16000", "--max-reject-fraction", "0.2"]) == 2
-    assert "1 of 4 input files gave no sample (25.0% > --max-reject-fraction 0.2)" in caplog.text
+    assert "1 of 4 input files gave no sample (25.0% > --max-reject-fraction 0.2)" in capsys.readouterr().err
     assert [r["path"] for r in read_rejects(out)] == ["y/broken.wav"]
     assert not storage.exists(storage.join(out, "manifest.json"))
 
 
-def test_changed_settings_on_an_existing_output_are_refused(corpus, tmp_path, caplog):
+def test_changed_settings_on_an_existing_output_are_refused(corpus, tmp_path, capsys):
     root, _ = corpus
     out = str(tmp_path / "out")
     assert shard(root, out, "plan") == 0
     assert shard(root, out, "--task-index", "0", "--num-tasks", "1", "--sample-rate", "22050") == 2
-    assert "sample_rate: 16000 there, 22050 now" in caplog.text
+    assert "sample_rate: 16000 there, 22050 now" in capsys.readouterr().err
 
 
-def test_malformed_captions_file_is_one_clear_error(corpus, tmp_path, caplog, capsys):
+def test_malformed_captions_file_is_one_clear_error(corpus, tmp_path, capsys):
     root, _ = corpus
     bad = tmp_path / "captions.jsonl"
     bad.write_text('{"path": "a/same.wav", "prompt": "fine"}\n{"path": "b/same.wav", "prompt": \n')
     argv = ["--input", str(root), "--output", str(tmp_path / "out"), "--captions", str(bad), *COMMON]
     assert main(argv) == 2
-    assert f"{bad}:2: not valid JSON" in caplog.text and "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not valid JSON" in err and "Traceback" not in err
     csv_bad = tmp_path / "captions.csv"
     csv_bad.write_text("file,prompt\na/same.wav,hello\n")
     assert main(argv[:-len(COMMON) - 1] + [str(csv_bad), *COMMON]) == 2
-    assert "needs a header with a 'path' column" in caplog.text
+    assert "needs a header with a 'path' column" in capsys.readouterr().err
 
 
 def test_dry_run_writes_nothing(corpus, tmp_path, caplog):
@@ -420,3 +421,66 @@ def test_a_few_minute_source_shards_like_whole_file_processing(tmp_path, window_
         assert (meta["window_index"], meta["offset_seconds"], meta["seconds_start"]) == (i, 30.0 * i, 30 * i)
         assert (meta["seconds_total"], meta["source_duration"]) == (140, pytest.approx(140.0))
         assert meta["duration"] == want.shape[1] / 48000
+
+
+def snapshot(out_url: str) -> dict[str, str]:
+    """sha256 of every object under the output, by URL (the probe of check_put_if_absent comes and goes)."""
+    return {o.url: storage.sha256_url(o.url) for o in storage.list_objects(out_url)}
+
+
+def small_shard(src, out, *extra):
+    return main(["--input", src, "--output", out, "--sample-rate", "16000", "--max-reject-fraction", "0.5", *extra])
+
+
+def test_another_task_count_on_a_committed_output_is_refused_and_changes_nothing(small_input, store_url, capsys):
+    src, _ = small_input
+    out = storage.join(store_url, "out")
+    assert small_shard(src, out, "plan") == 0
+    for k in (0, 1):
+        assert small_shard(src, out, "--task-index", str(k), "--num-tasks", "2") == 0
+    assert small_shard(src, out, "commit", "--num-tasks", "2") == 0
+    committed = mf.read_manifest(storage.join(out, "manifest.json"))
+    assert committed.totals["tasks"] == 2 and len(committed.outputs) == 2
+    before = snapshot(out)
+    assert all(before[e["url"]] == e["sha256"] for e in committed.outputs)
+    capsys.readouterr()
+
+    for step in (["--task-index", "0", "--num-tasks", "3"], ["commit", "--num-tasks", "3"], []):
+        assert small_shard(src, out, *step) == 2, step
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is committed with other task count (2 there, " in err, err
+    assert small_shard(src, out, "--task-index", "0", "--num-tasks", "2", "--sample-rate", "22050") == 2
+    assert "settings (sample_rate: 16000 there, 22050 now)" in capsys.readouterr().err
+    assert snapshot(out) == before, "nothing under the committed output was written"
+
+
+def test_the_same_run_again_on_a_committed_output_is_a_no_op(small_input, store_url, tmp_path, capsys):
+    src, _ = small_input
+    out = storage.join(store_url, "out")
+    assert small_shard(src, out) == 0
+    before = snapshot(out)
+    mtimes = {o.url: os.stat(o.url).st_mtime_ns for o in storage.list_objects(out)} if not storage.is_s3(out) else {}
+    for step in ([], ["run", "--task-index", "0", "--num-tasks", "1"], ["commit"], ["plan"]):
+        assert small_shard(src, out, *step) == 0, step
+    assert snapshot(out) == before
+    assert all(os.stat(url).st_mtime_ns == t for url, t in mtimes.items()), "a no-op rewrites nothing"
+    storage.write(storage.join(src, "x", "four.wav"), generate.encode(generate.tone(1.5, 16000), 16000, "WAV"))
+    capsys.readouterr()
+    assert small_shard(src, out) == 2
+    assert "is committed with other plan (4 items there, 5 now)" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_run_with_another_task_count_than_the_parts_already_written_is_refused(small_input, store_url, capsys):
+    src, _ = small_input
+    out = storage.join(store_url, "out")
+    assert small_shard(src, out, "plan") == 0
+    assert small_shard(src, out, "--task-index", "1", "--num-tasks", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert small_shard(src, out, "--task-index", "0", "--num-tasks", "3") == 2
+    assert "1 part files of a run with 2 tasks exist" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert small_shard(src, out, "--task-index", "0", "--num-tasks", "2") == 0
+    assert small_shard(src, out, "commit", "--num-tasks", "2") == 0
+    assert mf.read_manifest(storage.join(out, "manifest.json")).totals["samples"] == 3

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.tasks import TaskSlot, task_slot
+from pipeline.tasks import TaskSlot, task_count, task_slot
 
 
 def array(task_id, count, first=0, **more):
@@ -54,3 +54,11 @@ def test_explicit_flags_win_over_the_environment():
 def test_bad_task_settings_name_the_variable(kwargs, env, message):
     with pytest.raises(ValueError, match=message):
         task_slot(env, **kwargs)
+
+
+def test_a_commit_job_takes_the_task_count_from_the_flag_else_from_the_environment():
+    assert task_count(array(0, 4), num_tasks=3) == 3
+    assert task_count({}, num_tasks=None) == 1
+    assert task_count(array(2, 4, RANK=0, WORLD_SIZE=2)) == 8
+    with pytest.raises(ValueError, match="--num-tasks=0: expected at least 1"):
+        task_count({}, num_tasks=0)

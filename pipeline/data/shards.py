@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
@@ -138,27 +140,136 @@ def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     Members of one sample must be adjacent (as `ShardWriter` writes them). Raises `ShardError` for an
     absolute or ``..`` member path, a link or device entry, a name without an extension, or a
-    truncated tar.
+    truncated tar. A tar cut on a member boundary ends early without an error: read shards that a
+    manifest lists with `VerifiedShard`, which compares them with their entry.
     """
-    key, members = None, {}
     with storage.open_read(url) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    member_key, ext = _split_member(url, info)
-                    if member_key is None:
-                        continue
-                    if member_key != key:
-                        if key is not None:
-                            yield key, members
-                        key, members = member_key, {}
-                    if ext in members:
-                        raise ShardError(f"{url}: member {info.name!r} appears twice")
-                    members[ext] = tar.extractfile(info).read()
-        except tarfile.TarError as e:
-            raise ShardError(f"{url}: not a readable tar ({e})") from e
+        yield from _iter_tar(f, url)
+
+
+def _iter_tar(f: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    key, members = None, {}
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                member_key, ext = _split_member(url, info)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = member_key, {}
+                if ext in members:
+                    raise ShardError(f"{url}: member {info.name!r} appears twice")
+                members[ext] = tar.extractfile(info).read()
+    except tarfile.TarError as e:
+        raise ShardError(f"{url}: not a readable tar ({e})") from e
     if key is not None:
         yield key, members
+
+
+# ------------------------------------------------------------------------ checking against a manifest
+
+
+class HashingReader:
+    """A read-only stream that hashes (sha256) and counts the bytes as they pass: a check costs no
+    second read. `drain` reads what the consumer left (a tar reader stops at the end-of-archive marker)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self._hash, self.bytes = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read() if size is None or size < 0 else self._f.read(size)
+        self._hash.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardCheck:
+    """A shard as read, against its manifest entry. ``expected`` and ``actual`` hold ``sha256``,
+    ``bytes`` and ``samples`` (an ``actual`` value of None was not measured and is not compared)."""
+    url: str
+    expected: dict
+    actual: dict
+    error: str | None = None
+    """Why the shard could not be read to its end (a broken or missing tar), if it could not."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.differences()
+
+    def differences(self) -> list[str]:
+        return [f"{name} {self.actual[name]} (manifest: {self.expected[name]})" for name in ("sha256", "bytes", "samples")
+                if self.actual.get(name) is not None and self.actual[name] != self.expected.get(name)]
+
+    def reason(self) -> str:
+        """One line naming the shard and each expected and actual value that differ."""
+        what = self.differences() + ([self.error] if self.error else [])
+        return f"{self.url} does not match its manifest entry: {'; '.join(what)}"
+
+    def reject(self) -> dict:
+        """A reject record for the whole shard (``id`` = its URL, as in a plan)."""
+        return {"id": self.url, "reason": self.reason(), "expected": self.expected, "actual": self.actual}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_shard(entry: Mapping[str, Any], *, sha256: str | None, bytes: int | None, samples: int | None = None,
+                error: str | None = None) -> ShardCheck:
+    """Compare what was measured on a shard with its manifest ``entry`` (``url``, ``sha256``, ``bytes``,
+    ``samples``). For readers that measure in their own way (a download into a cache that counts
+    samples later); `VerifiedShard` measures while it streams."""
+    expected = {name: entry.get(name) for name in ("sha256", "bytes", "samples")}
+    return ShardCheck(str(entry["url"]), expected, {"sha256": sha256, "bytes": bytes, "samples": samples}, error)
+
+
+class VerifiedShard:
+    """The samples of one shard a manifest lists, checked against its entry in the same read:
+
+        shard = VerifiedShard(entry)               # a manifest entry: url, sha256, bytes, samples
+        for key, members in shard:                 # streamed once, hashed as it is read
+            ...
+        if not shard.check.ok:                     # set once the last sample has been yielded
+            rejects.append(shard.check.reject())
+
+    A tar that breaks off (cut on a member boundary, truncated inside a member, missing) is not an
+    exception here: the iteration ends, and `check` holds the error and the measured values. The
+    samples yielded before a failed check came from a shard that is not the one the manifest lists:
+    discard what was made of them. Other storage errors propagate (a retry may succeed).
+    """
+
+    def __init__(self, entry: Mapping[str, Any]):
+        self.entry = entry
+        self.check: ShardCheck | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        url = str(self.entry["url"])
+        try:
+            f = storage.open_read(url)
+        except storage.NotFoundError as e:
+            self.check = check_shard(self.entry, sha256=None, bytes=None, error=f"missing ({e})")
+            return
+        count, error = 0, None
+        with f:
+            reader = HashingReader(f)
+            try:
+                for key, members in _iter_tar(reader, url):
+                    count += 1
+                    yield key, members
+            except ShardError as e:
+                error = str(e).removeprefix(f"{url}: ")
+            reader.drain()
+        self.check = check_shard(self.entry, sha256=reader.hexdigest(), bytes=reader.bytes, samples=count,
+                                 error=error)
 
 
 def read_json(members: dict[str, bytes], url: str, key: str) -> dict:
@@ -171,6 +282,23 @@ def read_json(members: dict[str, bytes], url: str, key: str) -> dict:
         raise ShardError(f"{url}: sample {key}.json is not valid JSON ({e})") from e
     if not isinstance(meta, dict):
         raise ShardError(f"{url}: sample {key}.json must hold an object, found {type(meta).__name__}")
+    return meta
+
+
+SAMPLE_NUMBERS = ("offset_seconds", "seconds_start", "seconds_total")
+"""Sample JSON fields that later stages compute with: finite numbers >= 0 where present."""
+
+
+def read_sample_json(members: dict[str, bytes], url: str, key: str) -> dict:
+    """`read_json`, plus the values later stages compute with: `SAMPLE_NUMBERS` finite and >= 0, a
+    ``prompt`` (where present) a string. `ShardError` naming the shard, the sample key and the field."""
+    meta = read_json(members, url, key)
+    for name in SAMPLE_NUMBERS:
+        value = meta.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ShardError(f"{url}: sample {key}.json: {name}={value!r}, expected a finite number >= 0")
+    if not isinstance(meta.get("prompt", ""), str):
+        raise ShardError(f"{url}: sample {key}.json: prompt={meta['prompt']!r}, expected a string")
     return meta
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
 import webdataset as wds
 
 from pipeline import storage
-from pipeline.data.shards import ShardError, ShardWriter, check_key, iter_samples, read_json
+from pipeline.data.shards import (ShardError, ShardWriter, VerifiedShard, check_key, check_shard, iter_samples,
+                                  read_json, read_sample_json)
 
 
 def samples(n: int, size: int = 3000):
@@ -108,3 +110,57 @@ def test_truncated_tar_and_bad_json_are_shard_errors(tmp_path):
         read_json({"json": b"{nope"}, "u", "k")
     with pytest.raises(ShardError, match="has no .json member"):
         read_json({"flac": b""}, "u", "k")
+
+
+def test_verified_shard_streams_once_and_matches_its_entry(store_url):
+    with ShardWriter(lambda n: storage.join(store_url, "s.tar"), 1 << 30) as w:
+        for key, members in samples(5):
+            w.add(key, members)
+    entry = w.shards[0].to_dict()
+    shard = VerifiedShard(entry)
+    assert list(shard) == list(samples(5))
+    assert shard.check.ok and shard.check.actual == {k: entry[k] for k in ("sha256", "bytes", "samples")}
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("cut_on_boundary", r"sha256 [0-9a-f]{64} \(manifest: [0-9a-f]{64}\); bytes \d+ \(manifest: \d+\); "
+                        r"samples 2 \(manifest: 5\)$"),
+    ("cut_inside", r"samples 1 \(manifest: 5\); not a readable tar \(unexpected end of data\)"),
+    ("missing", r"missing \("),
+])
+def test_verified_shard_reports_a_damaged_shard_with_expected_and_actual_values(tmp_path, damage, expected):
+    path = tmp_path / "s.tar"
+    with ShardWriter(lambda n: str(path), 1 << 30) as w:
+        for key, members in samples(5, size=5000):
+            w.add(key, members)
+    entry = w.shards[0].to_dict()
+    data = path.read_bytes()
+    offsets = [m.offset for m in tarfile.open(path).getmembers()]
+    if damage == "cut_on_boundary":
+        path.write_bytes(data[:offsets[4]])
+    elif damage == "cut_inside":
+        path.write_bytes(data[:offsets[3] - 1000])  # inside the data of key001.flac
+    else:
+        path.unlink()
+    shard = VerifiedShard(entry)
+    list(shard)
+    assert not shard.check.ok
+    assert re.fullmatch(f"{re.escape(str(path))} does not match its manifest entry: .*{expected}.*",
+                        shard.check.reason())
+    record = shard.check.reject()
+    assert record["id"] == str(path) and record["expected"]["samples"] == 5
+
+
+def test_check_shard_compares_what_a_reader_measured_in_its_own_way():
+    entry = {"url": "u.tar", "sha256": "a" * 64, "bytes": 10, "samples": 2}
+    assert check_shard(entry, sha256="a" * 64, bytes=10).ok  # samples not counted yet: not compared
+    assert check_shard(entry, sha256="a" * 64, bytes=10, samples=3).differences() == ["samples 3 (manifest: 2)"]
+
+
+def test_sample_json_with_bad_values_names_the_shard_key_and_field():
+    assert read_sample_json({"json": b'{"offset_seconds": 1.5, "prompt": "x"}'}, "u", "k")["offset_seconds"] == 1.5
+    for text, message in ((b'{"offset_seconds": "soon"}', "u: sample k.json: offset_seconds='soon', expected a finite"),
+                          (b'{"seconds_total": -1}', "seconds_total=-1"), (b'{"seconds_start": NaN}', "seconds_start=nan"),
+                          (b'{"seconds_start": true}', "seconds_start=True"), (b'{"prompt": 3}', "prompt=3, expected a string")):
+        with pytest.raises(ShardError, match=re.escape(message)):
+            read_sample_json({"json": text}, "u", "k")
