@@ -186,10 +186,12 @@ def run_task(args: argparse.Namespace, work: list[tuple[int, dict]], slot: TaskS
         for _, item in work:
             samples, bad, seconds = process_source(item, args)
             writer = val if sources.is_val(item["path"], args.val_fraction) else train
-            for key, members, sample_seconds in samples:
+            count = 0
+            for key, members, sample_seconds in samples:  # a generator: windows come off the spool one by one
                 writer.add(key, members, sample_seconds)
+                count += 1
             rejects += bad
-            progress.update(samples=len(samples), seconds=seconds)
+            progress.update(samples=count, seconds=seconds)
     outputs = [dict(s.to_dict(), val=False) for s in train.shards] + [dict(s.to_dict(), val=True) for s in val.shards]
     return outputs, rejects
 
