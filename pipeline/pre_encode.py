@@ -168,8 +168,10 @@ class _NotTheListedShard(Exception):
         self.check = check
 
 
-def encode_shard(enc: Encoder, item: dict, out_url: str, args) -> tuple[list[dict], list[dict]]:
+def encode_shard(enc: Encoder, item: dict, out_url: str, args,
+                 on_batch=lambda samples, seconds: None) -> tuple[list[dict], list[dict]]:
     """Encode every sample of one audio shard into one latent shard; return (entries, rejects).
+    ``on_batch(samples, seconds of audio)`` follows the work batch by batch (progress).
 
     The shard is checked against its manifest entry (``item``: url, sha256, bytes, samples) as it streams;
     when it does not match, nothing is written for it and the one reject record says why."""
@@ -192,6 +194,7 @@ def encode_shard(enc: Encoder, item: dict, out_url: str, args) -> tuple[list[dic
                        seconds=md["window_samples"] / enc.sample_rate)
             if args.format == "sat":
                 sat.append((key, stored, md))
+        on_batch(len(pending), sum(md["window_samples"] for _, _, md in pending) / enc.sample_rate)
         pending.clear()
 
     try:
@@ -271,13 +274,17 @@ def run_task(args, work: list[tuple[int, dict]], slot, progress: Progress) -> tu
             record = json.loads(storage.read_bytes(marker))
         else:
             out_url = storage.join(args.output, f"latents-{slot.index:05d}-{i:06d}.tar")
-            entries, bad = encode_shard(enc, item, out_url, args)
-            record = {"outputs": entries, "rejects": bad}
-            storage.write(marker, json.dumps(record).encode())
+            entries, bad = encode_shard(enc, item, out_url, args, on_batch=lambda samples, seconds:
+                                        progress.update(items=0, samples=samples, seconds=seconds))
+            record = {"outputs": entries, "rejects": bad, "fresh": True}
+            storage.write(marker, json.dumps({k: record[k] for k in ("outputs", "rejects")}).encode())
         outputs += record["outputs"]
         rejects += record["rejects"]
-        progress.update(samples=sum(e["samples"] for e in record["outputs"]),
-                        seconds=sum(e["seconds"] for e in record["outputs"]))
+        if record.get("fresh"):
+            progress.update()
+        else:  # finished by an earlier run
+            progress.update(samples=sum(e["samples"] for e in record["outputs"]),
+                            seconds=sum(e["seconds"] for e in record["outputs"]))
     return outputs, rejects
 
 

@@ -137,7 +137,9 @@ def run(stage: Stage, items: list[dict], slot: TaskSlot) -> None:
                  mf.part_url(out, slot.index, slot.count))
         return
     work = [(i, it) for i, it in enumerate(items) if i % slot.count == slot.index]
-    progress = Progress(log, f"{stage.name} task {slot.index}/{slot.count}", len(work))
+    # pre_encode's items are shards with sample counts: its ETA follows samples, not whole shards.
+    progress = Progress(log, f"{stage.name} task {slot.index}/{slot.count}", len(work),
+                        total_samples=sum(it.get("samples", 0) for _, it in work) or None)
     outputs, rejects = stage.run_task(work, slot, progress)
     mf.write_part(out, mf.Part(task=slot.index, num_tasks=slot.count, items=tuple(it["id"] for _, it in work),
                                outputs=tuple(outputs), rejects=tuple(rejects)))
@@ -240,8 +242,10 @@ class Progress:
         shard task 0/2 | items 3/10 | samples 12 | audio 48.0 s | 0.6 items/s | 9.6x realtime | eta 12 s
     """
 
-    def __init__(self, log: logging.Logger, label: str, total: int, every: float = 5.0):
+    def __init__(self, log: logging.Logger, label: str, total: int, every: float = 5.0,
+                 total_samples: int | None = None):
         self.log, self.label, self.total, self.every = log, label, total, every
+        self.total_samples = total_samples
         self.items, self.samples, self.seconds = 0, 0, 0.0
         self.start = self.last = time.monotonic()
         self.bar = None
@@ -264,7 +268,8 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        eta = elapsed / self.items * (self.total - self.items) if self.items else float("nan")
+        done, total = ((self.samples, self.total_samples) if self.total_samples else (self.items, self.total))
+        eta = elapsed / done * (total - done) if done else float("nan")
         return (f"{self.label} | items {self.items}/{self.total} | samples {self.samples} | audio "
                 f"{self.seconds:.1f} s | {self.items / elapsed:.2f} items/s | {self.seconds / elapsed:.1f}x "
                 f"realtime | eta {eta:.0f} s")
