@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "$TMPDIR/cantus-<output name>)")
     p.add_argument("--wandb", choices=("offline", "online", "off"), default="offline", help="Weights & Biases mode")
     p.add_argument("--dry-run", action="store_true", help="check config, data and plan on the CPU, then exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (else one line, exit 2)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -285,4 +286,5 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_main
+    sys.exit(run_main(main))
