@@ -98,9 +98,11 @@ def check_layout(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, 
     missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     other = sorted(k for k in set(expected) & set(shapes) if shapes[k] != tuple(expected[k]))
     if missing or extra or other:
-        example = f"; e.g. {other[0]} is {list(shapes[other[0]])}, expected {list(expected[other[0]])}" if other else ""
-        raise ValueError(f"{source}: the weights do not match {what}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(other)} of another shape{example}")
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[:3]})" if extra else "",
+                 f"{len(other)} of another shape (e.g. {other[0]} is {list(shapes[other[0]])}, expected "
+                 f"{list(expected[other[0]])})" if other else ""]
+        raise ValueError(f"{source}: the weights do not match {what}: {', '.join(p for p in parts if p)}")
 
 
 def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: str, what: str = "the model"
