@@ -273,13 +273,11 @@ class CLAPTextConditioner(Conditioner):
 
     def _load(self):
         import laion_clap
-        from safetensors.torch import load_file
+
+        from pipeline.models.weights import load_state_dict
         ckpt, amodel, fusion = self.clap_args
         clap = laion_clap.CLAP_Module(enable_fusion=fusion, amodel=amodel, device="cpu")
-        if ckpt.endswith(".safetensors"):
-            state = load_file(ckpt)
-        else:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_state_dict(ckpt)  # .safetensors, or a .pt/.ckpt read weights-only (its "state_dict")
         state = {k.removeprefix("module."): v for k, v in state.items()
                  if k != "module.text_branch.embeddings.position_ids"}
         clap.model.load_state_dict(state, strict=False)
