@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from pipeline import storage
 
@@ -24,3 +25,13 @@ def report_error(error: BaseException, debug: bool) -> int:
         raise error
     sys.stderr.write(f"error: {error}\n")
     return EXIT_USER_ERROR
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """`main(argv)` for a stage whose `main` lets user errors out: one line and exit code 2 for them, the
+    traceback when `--debug` is among the arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        return report_error(e, "--debug" in argv)

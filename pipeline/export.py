@@ -7,11 +7,13 @@ The train stage already writes `<tag>/ema.safetensors` at every checkpoint; this
 ledger, by step), checks its sha256 against the ledger, checks that its tensor names are exactly the model's,
 and writes it to `--out`. `--no-ema` exports the raw (non-averaged) weights: DeepSpeed's fp32 consolidation
 of the checkpoint's ZeRO partitions, with the frozen tensors (`pretransform.*`) taken from the export.
+DeepSpeed's partition files are unpickled weights-only (`pipeline.distributed.safe_load`); the embedded model
+config is validated like any config before the model is built. A problem with the input is one line naming
+it and exit code 2 (`--debug` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,7 +22,10 @@ import tempfile
 import torch
 
 from pipeline import manifest, storage
+from pipeline.cli import USER_ERRORS, report_error
+from pipeline.config import ConfigError, load_model_config, read_json
 from pipeline.distributed.checkpoint import read_export, write_export
+from pipeline.models.weights import check_layout as check_tensor_layout
 
 logger = logging.getLogger("pipeline.export")
 
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", default=None, help="model config JSON, for files that carry none (replaces "
                                                         "the embedded one)")
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -44,16 +50,24 @@ def _raw_weights(tag_url: str, work: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.distributed.checkpoint import fetch
+    from pipeline.distributed.safe_load import weights_only_loads
 
     folder = tag_url
     if storage.is_s3(tag_url):
         folder = os.path.join(work, "ckpt", os.path.basename(tag_url.rstrip("/")))
         fetch(tag_url, folder)
     parent, tag = os.path.split(folder.rstrip("/"))
-    if not any(n.startswith("zero_pp_rank_") for n in os.listdir(folder)):
+    if not os.path.isdir(folder):
+        raise ValueError(f"{tag_url}: no such checkpoint folder")
+    if not any(n.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for n in os.listdir(folder)):
         raise ValueError(f"{tag_url}: --no-ema needs a ZeRO 1-3 checkpoint (this one has no ZeRO partitions); "
                          f"train with use_ema false to export raw weights at each checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    with weights_only_loads():  # zero_to_fp32 unpickles with weights_only=False by itself
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        except (KeyError, IndexError, AssertionError) as e:  # files that load but do not hold what DeepSpeed wrote
+            raise ValueError(f"{tag_url}: DeepSpeed cannot consolidate this checkpoint ({type(e).__name__}: {e}); "
+                             f"its files are damaged or incomplete") from None
     return {k: v.float() for k, v in state.items()}
 
 
@@ -66,6 +80,8 @@ def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool
     elif src.endswith(".json"):
         entry = manifest.read_ledger(src).at_step(args.step)
         path = storage.local_path(entry.export_url, work)
+        if not os.path.isfile(path):
+            raise ValueError(f"{entry.export_url}: no such file (listed by the ledger {src})")
         with open(path, "rb") as f:
             got = manifest.sha256_bytes(f.read())
         if got != entry.export_sha256:
@@ -89,37 +105,46 @@ def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool
     return tensors, config, ema
 
 
-def check_layout(tensors: dict[str, torch.Tensor], config: dict) -> None:
+def check_layout(tensors: dict[str, torch.Tensor], config: dict, source: str) -> None:
     """The tensor names and shapes must be exactly those of the model the config builds (SAT's layout)."""
     from pipeline.models.factory import create_model_from_config
 
+    cfg = load_model_config(config)
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in create_model_from_config(config).state_dict().items()}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
-    if missing or extra or shapes:
-        raise ValueError(f"the weights do not match the model config: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(extra)} unexpected (e.g. {extra[:3]}), {len(shapes)} of another shape "
-                         f"(e.g. {shapes[:3]})")
+        expected = {k: tuple(v.shape) for k, v in create_model_from_config(cfg).state_dict().items()}
+    check_tensor_layout(expected, tensors, source, "the model config")
+
+
+def export(args, work: str) -> tuple[int, bool]:
+    """Write `--out`; return (tensor count, EMA weights?)."""
+    tensors, config, ema = resolve(args, work)
+    if args.model_config is not None:
+        config, where = read_json(args.model_config), args.model_config
+    else:
+        where = f"{args.checkpoint} (embedded model_config)"
+    if config is None:
+        raise ValueError(f"{args.checkpoint} carries no model config (metadata key model_config): pass --model-config")
+    try:
+        check_layout(tensors, config, args.checkpoint)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {str(e).removeprefix('<dict>: ')}") from None
+    local = args.out if not storage.is_s3(args.out) else os.path.join(work, "out.safetensors")
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    write_export(local, tensors, config, ema=ema)
+    if local != args.out:
+        storage.upload(local, args.out)
+    return len(tensors), ema
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="cantus-export-") as work:
-        tensors, config, ema = resolve(args, work)
-        if args.model_config is not None:
-            with open(args.model_config) as f:
-                config = json.load(f)
-        if config is None:
-            raise ValueError(f"{args.checkpoint} carries no model config (metadata key model_config): pass --model-config")
-        check_layout(tensors, config)
-        local = args.out if not storage.is_s3(args.out) else os.path.join(work, "out.safetensors")
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        write_export(local, tensors, config, ema=ema)
-        if local != args.out:
-            storage.upload(local, args.out)
-    logger.info("wrote %s (%d tensors, %s weights)", args.out, len(tensors), "EMA" if ema else "raw")
+    try:
+        with tempfile.TemporaryDirectory(prefix="cantus-export-") as work:
+            count, ema = export(args, work)
+    except USER_ERRORS as e:
+        return report_error(e, args.debug)
+    logger.info("wrote %s (%d tensors, %s weights)", args.out, count, "EMA" if ema else "raw")
     return 0
 
 

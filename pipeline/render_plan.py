@@ -18,10 +18,11 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.config import ConfigError, DemoConfig, ModelConfig, load_model_config
+from pipeline.config import ConfigError, DemoConfig, ModelConfig, load_model_config, sha256_of
 from pipeline.diffusion import create_sampler
 from pipeline.generate import latent_length, latent_unit
 from pipeline.models import create_model_from_config
+from pipeline.models.weights import load_strict
 from pipeline.report.page import check_name, clip_stem
 
 logger = logging.getLogger(__name__)
@@ -97,17 +98,31 @@ def _read_exact(f, n: int, url: str) -> bytes:
     return data
 
 
+def _embedded_config(url: str, text: str) -> dict:
+    """The embedded model config as a dict (data: validated by load_model_config, never imported from)."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{url}: metadata {MODEL_CONFIG_KEY} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{url}: metadata {MODEL_CONFIG_KEY} is not a JSON object")
+    return config
+
+
 def load_checkpoint_config(checkpoint: Checkpoint, model_config: str | None) -> ModelConfig:
     """The checkpoint's embedded model config, or ``--model-config`` (which wins, with a warning when
     the checkpoint carries a different one)."""
     embedded = read_safetensors_metadata(checkpoint.url).get(MODEL_CONFIG_KEY)
     if model_config is not None:
         cfg = load_model_config(model_config)
-        if embedded is not None and load_model_config(json.loads(embedded)).sha256 != cfg.sha256:
+        if embedded is not None and sha256_of(_embedded_config(checkpoint.url, embedded)) != cfg.sha256:
             logger.warning("%s carries a model config that differs from --model-config %s; using the latter",
                            checkpoint.url, model_config)
     elif embedded is not None:
-        cfg = load_model_config(json.loads(embedded))
+        try:
+            cfg = load_model_config(_embedded_config(checkpoint.url, embedded))
+        except ConfigError as e:
+            raise ConfigError(f"{checkpoint.url} (embedded model_config): {str(e).removeprefix('<dict>: ')}") from None
     else:
         raise ConfigError(f"{checkpoint.url}: no '{MODEL_CONFIG_KEY}' in its safetensors metadata (an SAT or SAO "
                           "checkpoint?); pass its config with --model-config FILE")
@@ -124,11 +139,10 @@ def load_checkpoint_weights(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[t
     with tempfile.TemporaryDirectory(prefix="cantus-checkpoint-") as tmp:
         tensors, _, _ = read_export(storage.local_path(checkpoint.url, tmp))
     model = create_model_from_config(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"{checkpoint.url}: weights do not match the model config: missing keys "
-                          f"{sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                          f"{sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''} (wrong --model-config?)")
+    try:  # names and shapes: one line naming the file
+        load_strict(model, tensors, checkpoint.url, "the model config")
+    except ValueError as e:
+        raise ConfigError(f"{e} (wrong --model-config?)") from None
     return model, tensors
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import manifest, storage
-from pipeline.cli import USER_ERRORS, report_error
+from pipeline.cli import run_main
 from pipeline.config import ModelConfig, load_model_config
 from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef
 from pipeline.diffusion.losses import DiffusionLoss
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "$TMPDIR/cantus-<output name>)")
     p.add_argument("--wandb", choices=("offline", "online", "off"), default="offline", help="Weights & Biases mode")
     p.add_argument("--dry-run", action="store_true", help="check config, data and plan on the CPU, then exit")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of config and data errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (else one line, exit 2)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -286,14 +286,5 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     return EXIT_STOPPED if stopped and step < args.max_steps else 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`main` as the command line runs it: a config or data error is one line and exit code 2 (`pipeline/cli.py`);
-    `main` itself raises, so callers and tests see the exception."""
-    try:
-        return main(argv)
-    except USER_ERRORS as e:
-        return report_error(e, "--debug" in (sys.argv[1:] if argv is None else argv))
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_main(main))

