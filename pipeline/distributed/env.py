@@ -236,10 +236,12 @@ def rendezvous(denv: DistEnv, timeout: float) -> dist.TCPStore:
                 time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
     left = max(deadline - time.monotonic(), 1.0)
     try:
-        return dist.TCPStore(denv.master_addr, denv.master_port, world_size=denv.world_size,
-                             is_master=_hosts_store(denv), timeout=timedelta(seconds=left), wait_for_workers=True)
+        store = dist.TCPStore(denv.master_addr, denv.master_port, world_size=denv.world_size,
+                              is_master=_hosts_store(denv), timeout=timedelta(seconds=left), wait_for_workers=True)
     except RuntimeError as e:  # DistNetworkError, DistStoreError: a port in use, ranks missing at the deadline
         raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    store.set_timeout(timedelta(seconds=timeout))  # later waits on the store (the backend's own connect) get it all
+    return store
 
 
 def init_logging(rank: int, level: int = logging.INFO) -> None:
