@@ -190,7 +190,7 @@ def _rank_pid(job: str, rank: int) -> int | None:
     return None
 
 
-def test_sigkill_of_the_rank_on_n2_fails_the_job_in_bounded_time_and_a_resubmission_completes_every_step_once(mn):
+def test_sigkill_of_the_rank_on_n2_fails_the_job_in_bounded_time_and_a_resubmission_elsewhere_completes_every_step_once(mn):
     cluster, name = mn["cluster"], "sigkill"
     url = f"{mn['out']}/{name}"
     env = _train_env(mn, name, 2, 20, "--checkpoint-every 5")
@@ -208,11 +208,12 @@ def test_sigkill_of_the_rank_on_n2_fails_the_job_in_bounded_time_and_a_resubmiss
     # latest), else srun ends the step 120 s after the first task exited
     assert failed_after < 60 + 120, failed_after
     saved = _ledger_steps(url)[-1]
-    again = _submit(mn, name, 2, 1, env)
+    # resubmitted elsewhere: both ranks on n2 (rank 0 now where rank 1 was), resuming from S3 alone
+    again = _submit(mn, name, 1, 2, env, "--nodelist=n2")
     cluster.wait([again], timeout=600)
     log = _log(mn, name, again)
     assert _state(cluster, again) == "COMPLETED", log[-4000:]
-    assert f"at step {saved}" in log
+    assert f"at step {saved}" in log and "on 1 nodes (n2)" in log
     assert [r["step"] for r in _metrics(url) if "loss" in r] == list(range(1, 21))  # nothing lost or repeated
     got, base = _losses(url), _losses(f"{mn['out']}/baseline")
     assert all(got[s] == pytest.approx(base[s], abs=TOLERANCE) for s in range(1, 21)), (saved, got, base)

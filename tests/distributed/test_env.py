@@ -106,3 +106,40 @@ def test_a_master_address_that_does_not_resolve_is_named():
     with pytest.raises(env_mod.RendezvousError, match=r"rendezvous at no-such-host\.invalid:1234 failed .*does not resolve"):
         rendezvous(DistEnv(rank=1, local_rank=0, world_size=2, master_addr="no-such-host.invalid", master_port=1234,
                            launcher="slurm"), timeout=5)
+
+
+_NODE = """
+import os, sys
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from pipeline.distributed import env
+d = env.detect(local_rank_arg=int(sys.argv[1].split("=")[1]) if len(sys.argv) > 1 else None)
+dist.init_process_group("gloo", store=env.rendezvous(d, 60), rank=d.rank, world_size=d.world_size,
+                        timeout=timedelta(seconds=60))
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"rank {d.rank} of {d.world_size} sum {t.item():g}")
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_launcher_started_once_per_node_meets_at_the_first_nodes_address(launcher, tmp_path):
+    """Two "nodes" (two launcher processes on this host, node ranks 0 and 1): torchrun's agent serves the
+    store itself (rank 0 then only connects); the deepspeed launcher (--no_ssh, a hostfile) leaves it to rank 0."""
+    script = tmp_path / "node.py"
+    script.write_text(_NODE)
+    (tmp_path / "hosts").write_text("n1 slots=1\nn2 slots=1\n")
+    port = env_mod._free_port()
+    bindir = os.path.dirname(sys.executable)
+    common = {"torchrun": [os.path.join(bindir, "torchrun"), "--nnodes", "2", "--nproc_per_node", "1"],
+              "deepspeed": [os.path.join(bindir, "deepspeed"), "--hostfile", str(tmp_path / "hosts"), "--no_ssh"]}[launcher]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))},
+           "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*common, "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(script)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for n, out in enumerate(outs):
+        assert f"rank {n} of 2 sum 2" in out, out
