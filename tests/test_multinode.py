@@ -193,7 +193,10 @@ def _rank_pid(job: str, rank: int) -> int | None:
 def test_sigkill_of_the_rank_on_n2_fails_the_job_in_bounded_time_and_a_resubmission_elsewhere_completes_every_step_once(mn):
     cluster, name = mn["cluster"], "sigkill"
     url = f"{mn['out']}/{name}"
-    env = _train_env(mn, name, 2, 20, "--checkpoint-every 5")
+    from pipeline.train import build_parser
+    # the killed run leaves its output lease behind (issue 15): the resubmission takes it over once stale
+    lease = ["--lease-timeout 5"] if "--lease-timeout" in build_parser().format_help() else []
+    env = _train_env(mn, name, 2, 20, "--checkpoint-every 5", *lease)
     job = _submit(mn, name, 2, 1, env)
     _wait("no checkpoint listed", lambda: _ledger_steps(url) or not cluster.job_ids(), 600, cluster)
     pid = _rank_pid(job, 1)
