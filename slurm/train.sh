@@ -27,14 +27,15 @@
 # srun starts one task per GPU on every node of the allocation (N nodes x G tasks); each takes its
 # rank, world size and rendezvous from the SLURM environment (pipeline/distributed/env.py). Nodes
 # need to share nothing but the output store (s3://): each rank stages checkpoints on its node's
-# SCRATCH_DIR and reads what another rank wrote from the output URL. Stopping: SLURM sends USR1 to this batch shell
-# (--signal=B:USR1@600, 10 minutes before the time limit; `scancel --signal=USR1 --batch <id>`
-# does it by hand). The shell forwards it to the srun tasks, which save a checkpoint together and
-# exit with 75; the job then requeues itself and the next run resumes from the ledger. A run stopped
-# by SIGTERM (scancel, preemption) saves the same way but is not requeued here. A rank that dies (a
-# faulted node) ends the job: its peers fail at their next collective (--collective-timeout at the
-# latest) and srun ends the step 2 minutes after the first task exited; resubmit to resume from the
-# last complete checkpoint. Only a finished run
+# SCRATCH_DIR and reads what another rank wrote from the output URL.
+#
+# Stopping: SLURM sends USR1 to this batch shell (--signal=B:USR1@600, 10 minutes before the time
+# limit; `scancel --signal=USR1 --batch <id>` does it by hand). The shell forwards it to the srun
+# tasks, which save a checkpoint together and exit with 75; the job then requeues itself and the next
+# run resumes from the ledger. A run stopped by SIGTERM (scancel, preemption) saves the same way but
+# is not requeued here. A rank that dies (a faulted node) ends the job: its peers fail at their next
+# collective (--collective-timeout at the latest) and srun ends the step 2 minutes after the first
+# task exited; resubmit to resume from the last complete checkpoint. Only a finished run
 # (--max-steps reached) exits 0, so `afterok` never starts a later stage on an unfinished model.
 #SBATCH --job-name=cantus-train
 #SBATCH --nodes=1
