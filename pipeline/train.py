@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
     p.add_argument("--scratch-dir", default=None, help="local folder for staged checkpoints (default: "
                                                        "$TMPDIR/cantus-<output name>)")
+    p.add_argument("--rendezvous-timeout", type=float, default=env.DEFAULT_RENDEZVOUS_TIMEOUT,
+                   help="seconds every rank waits for all ranks at MASTER_ADDR:MASTER_PORT before it exits non-zero")
+    p.add_argument("--collective-timeout", type=float, default=env.DEFAULT_COLLECTIVE_TIMEOUT,
+                   help="seconds a collective waits for a lost or stuck peer before the rank fails")
     p.add_argument("--wandb", choices=("offline", "online", "off"), default="offline", help="Weights & Biases mode")
     p.add_argument("--dry-run", action="store_true", help="check config, data and plan on the CPU, then exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (else one line, exit 2)")
@@ -124,7 +128,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
         load_pretrained(wrapper, pretrained, args.allow_partial, load=False)
         return 0
 
-    env.init_process_group(denv)
+    env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
+                           collective_timeout=args.collective_timeout)
     device = env.device_for(denv)
     torch.manual_seed(args.seed * denv.world_size + denv.rank)  # dropout, CFG dropout: per rank
     generator = torch.Generator().manual_seed(args.seed * denv.world_size + denv.rank)  # noise, t: per rank

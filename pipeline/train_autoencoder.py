@@ -82,7 +82,8 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
         raise ValueError(f"{args.ds_config}: gradient_accumulation_steps must be 1 for autoencoders (the "
                          f"discriminator steps every batch)")
 
-    env.init_process_group(denv)
+    env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
+                           collective_timeout=args.collective_timeout)
     device = env.device_for(denv)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     autoencoder = create_model_from_config(cfg)

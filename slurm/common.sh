@@ -12,7 +12,13 @@
 #                   STEP=plan job), then runs its share per task (STEP=run), then a STEP=commit job
 #                   merges the tasks' parts into the stage's manifest: pipeline.sh submits the three
 #                   with --dependency=afterok.
-#   NUM_TASKS       with STEP=commit: how many tasks the array had (its --array size).
+#   NUM_TASKS       with STEP=commit: how many tasks the stage had in all (array size x tasks per
+#                   array job).
+#
+# An array job may span several nodes (`sbatch --nodes=2 --ntasks-per-node=1 --ntasks=2`): its run step
+# then starts one srun task per allocated task, each of which takes its own slot of the plan (task
+# array_index x tasks per job + SLURM_PROCID, pipeline/tasks.py). Nodes share nothing but the store:
+# put every URL on s3:// and leave TMPDIR on node-local disk.
 
 CANTUS_ROOT="${CANTUS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 if [ ! -f "$CANTUS_ROOT/pipeline/__init__.py" ]; then
@@ -74,6 +80,24 @@ resolve_export() {
 print(manifest.read_ledger(sys.argv[1]).at_step().export_url)' "$1" ;;
     *) echo "$1" ;;
   esac
+}
+
+# run_step COMMAND...: run the step's command (exec). A run step of a job with several tasks (nodes) runs
+# it once per task under srun; each task logs its node, and where several tasks share a node's GPUs each
+# sees one of them (by SLURM_LOCALID), so `--device cuda` is that GPU.
+run_step() {
+  if [ "$STEP" = run ] && [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+    # shellcheck disable=SC2016  # expanded by each task, on its node
+    exec srun --kill-on-bad-exit=1 bash -c '
+      echo "[$(date +%H:%M:%S) ${CANTUS_STAGE} task $SLURM_PROCID of $SLURM_STEP_NUM_TASKS on node $SLURMD_NODENAME]" >&2
+      if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+        export CUDA_VISIBLE_DEVICES="${gpus[$((SLURM_LOCALID % ${#gpus[@]}))]}"
+      fi
+      exec "$@"' stage-task "$@"
+  fi
+  log "on node ${SLURMD_NODENAME:-$(hostname -s)}"
+  exec "$@"
 }
 
 log() { echo "[$(date +%H:%M:%S) ${CANTUS_STAGE:-stage} ${STEP} job ${SLURM_JOB_ID:-none}${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}] $*" >&2; }

@@ -22,6 +22,11 @@
 #                      and pre_encode uses the newest export of its ledger.
 #   MAX_STEPS          diffusion training steps; PROMPTS: prompts file for render (JSON lines)
 #   SHARD_TASKS=4 PRE_ENCODE_TASKS=2 RENDER_TASKS=1   array sizes (1: one job that plans and commits itself)
+#   SHARD_NODES PRE_ENCODE_NODES RENDER_NODES TRAIN_NODES   nodes per job of that stage (default 1; train:
+#                      as slurm/train.sh says). An array job on N nodes runs N x <STAGE>_TASKS_PER_NODE
+#                      tasks (default 1; train: 8, one per GPU), each its own share of the plan, so a
+#                      stage has <STAGE>_TASKS x NODES x TASKS_PER_NODE tasks in all. GPU stages ask for
+#                      one GPU per task on each node (--gres=gpu:<tasks per node>).
 #   PRE_ENCODE_VAL=1   also pre-encode <SHARD_OUT>/val/manifest.json to <LATENT_OUT>/val (train gets
 #                      it as --val-data); 0: no validation set
 #   SHARD_ARGS PRE_ENCODE_ARGS TRAIN_ARGS VAE_TRAIN_ARGS RENDER_ARGS DS_CONFIG VAE_DS_CONFIG
@@ -34,7 +39,12 @@
 #   CANTUS_DEVICE      cuda | cpu (default cuda). cpu: GPU jobs get --gres=none, DeepSpeed runs on
 #                      the CPU with an fp32 ds_config (ds_configs/zero2_cpu.json)
 #   CANTUS_PYTHON      interpreter on the compute nodes (default: the repository's .venv, else python)
-#   LOG_DIR            job logs, on a filesystem the nodes share (default ./cantus-logs)
+#   LOG_DIR            job logs (default ./cantus-logs). SLURM writes a job's log on the node its batch
+#                      script runs on: without a shared filesystem, give a folder that exists on every node.
+#
+# Nodes need to share nothing but the object store: with every URL (OUT, INPUT, MODEL_CONFIG may stay
+# local files present on every node) on s3://, each task keeps its scratch on its node's local disk
+# (TMPDIR; train: SCRATCH_DIR, see slurm/train.sh).
 set -euo pipefail
 CANTUS_ROOT="${CANTUS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 export CANTUS_ROOT
@@ -66,6 +76,14 @@ TRAIN_OUT="${TRAIN_OUT:-$OUT/train}"
 RENDER_OUT="${RENDER_OUT:-$OUT/render}"
 SHARD_TASKS="${SHARD_TASKS:-4}" PRE_ENCODE_TASKS="${PRE_ENCODE_TASKS:-2}" RENDER_TASKS="${RENDER_TASKS:-1}"
 PRE_ENCODE_VAL="${PRE_ENCODE_VAL:-1}"
+SHARD_NODES="${SHARD_NODES:-1}" PRE_ENCODE_NODES="${PRE_ENCODE_NODES:-1}" RENDER_NODES="${RENDER_NODES:-1}"
+SHARD_TASKS_PER_NODE="${SHARD_TASKS_PER_NODE:-1}" PRE_ENCODE_TASKS_PER_NODE="${PRE_ENCODE_TASKS_PER_NODE:-1}"
+RENDER_TASKS_PER_NODE="${RENDER_TASKS_PER_NODE:-1}"
+for name in SHARD_TASKS PRE_ENCODE_TASKS RENDER_TASKS SHARD_NODES PRE_ENCODE_NODES RENDER_NODES \
+            SHARD_TASKS_PER_NODE PRE_ENCODE_TASKS_PER_NODE RENDER_TASKS_PER_NODE ${TRAIN_NODES:+TRAIN_NODES} \
+            ${TRAIN_TASKS_PER_NODE:+TRAIN_TASKS_PER_NODE}; do
+  case "${!name}" in ''|0|*[!0-9]*) die "$name=${!name}: expected a positive number" ;; esac
+done
 LOG_DIR="${LOG_DIR:-$PWD/cantus-logs}"
 mkdir -p "$LOG_DIR"
 LEDGER="$TRAIN_OUT/checkpoints/manifest.json"
@@ -111,21 +129,33 @@ submit() {
   echo "$name $JOB"
 }
 
-# stage NAME SCRIPT TASKS DEPENDENCY [VAR=VALUE ...] -- [SBATCH OPTIONS ...]: one job when TASKS is 1,
-# else plan job, array of TASKS, commit job. Sets DONE to the job whose success means the manifest exists.
+# placement NODES TASKS_PER_NODE: the sbatch options of one job on NODES nodes with TASKS_PER_NODE tasks
+# each (one GPU per task on a GPU stage, GPU=1); sets PLACE.
+placement() {
+  PLACE=()
+  [ "$1$2" = 11 ] && return
+  PLACE=(--nodes="$1" --ntasks-per-node="$2" --ntasks="$(($1 * $2))")
+  [ "${3:-0}" = 0 ] || [ "$CANTUS_DEVICE" = cpu ] || PLACE+=(--gres="gpu:$2")
+}
+
+# stage NAME SCRIPT TASKS NODES TASKS_PER_NODE GPU DEPENDENCY [VAR=VALUE ...] -- [SBATCH OPTIONS ...]: one
+# job when it has one task in all, else plan job, array of TASKS jobs (each on NODES nodes with
+# TASKS_PER_NODE tasks per node), commit job. Sets DONE to the job whose success means the manifest exists.
 stage() {
-  local name="$1" script="$CANTUS_ROOT/slurm/$2" tasks="$3" dep="$4" vars=()
-  shift 4
+  local name="$1" script="$CANTUS_ROOT/slurm/$2" tasks="$3" nodes="$4" per_node="$5" gpu="$6" dep="$7" vars=()
+  shift 7
   while [ "$1" != -- ]; do vars+=("$1"); shift; done
   shift
-  if [ "$tasks" = 1 ]; then
+  local total=$((tasks * nodes * per_node))
+  if [ "$total" = 1 ]; then
     submit "$name.run" "$dep" "${vars[@]}" STEP=run -- "$@" "$script"
     DONE="$JOB"
     return
   fi
+  placement "$nodes" "$per_node" "$gpu"
   submit "$name.plan" "$dep" "${vars[@]}" STEP=plan -- "${SMALL[@]}" "$script"
-  submit "$name.run" "$JOB" "${vars[@]}" STEP=run -- --array="0-$((tasks - 1))" "$@" "$script"
-  submit "$name.commit" "$JOB" "${vars[@]}" STEP=commit NUM_TASKS="$tasks" -- "${SMALL[@]}" "$script"
+  submit "$name.run" "$JOB" "${vars[@]}" STEP=run -- --array="0-$((tasks - 1))" "${PLACE[@]}" "$@" "$script"
+  submit "$name.commit" "$JOB" "${vars[@]}" STEP=commit NUM_TASKS="$total" -- "${SMALL[@]}" "$script"
   DONE="$JOB"
 }
 
@@ -135,14 +165,19 @@ shard_opts=(${SHARD_SBATCH_ARGS:-})
 pre_opts=("${GPU[@]}" ${PRE_ENCODE_SBATCH_ARGS:-})
 # shellcheck disable=SC2206
 vae_opts=("${GPU[@]}" ${VAE_SBATCH_ARGS:-${TRAIN_SBATCH_ARGS:-}})
+train_place=()
+if [ -n "${TRAIN_NODES:-}${TRAIN_TASKS_PER_NODE:-}" ]; then  # else slurm/train.sh's own #SBATCH lines
+  placement "${TRAIN_NODES:-1}" "${TRAIN_TASKS_PER_NODE:-8}" 1
+  train_place=("${PLACE[@]}")
+fi
 # shellcheck disable=SC2206
-train_opts=("${GPU[@]}" ${TRAIN_SBATCH_ARGS:-})
+train_opts=("${GPU[@]}" "${train_place[@]}" ${TRAIN_SBATCH_ARGS:-})
 # shellcheck disable=SC2206
 render_opts=("${GPU[@]}" ${RENDER_SBATCH_ARGS:-})
 
 after=""  # the job the next stage waits for
 if [ "$first" -le 0 ]; then
-  stage shard shard.sh "$SHARD_TASKS" "" INPUT="$INPUT" CAPTIONS="${CAPTIONS:-}" OUTPUT="$SHARD_OUT" \
+  stage shard shard.sh "$SHARD_TASKS" "$SHARD_NODES" "$SHARD_TASKS_PER_NODE" 0 "" INPUT="$INPUT" CAPTIONS="${CAPTIONS:-}" OUTPUT="$SHARD_OUT" \
         SHARD_ARGS="${SHARD_ARGS:-}" -- "${shard_opts[@]}"
   after="$DONE"
 fi
@@ -157,12 +192,13 @@ if [ "$first" -le 1 ]; then
     vae="$VAE_OUT/checkpoints/manifest.json"  # slurm/pre_encode.sh takes its newest export
     pre_after="$JOB"
   fi
-  stage pre_encode pre_encode.sh "$PRE_ENCODE_TASKS" "$pre_after" INPUT="$SHARD_OUT/manifest.json" \
+  stage pre_encode pre_encode.sh "$PRE_ENCODE_TASKS" "$PRE_ENCODE_NODES" "$PRE_ENCODE_TASKS_PER_NODE" 1 "$pre_after" INPUT="$SHARD_OUT/manifest.json" \
         OUTPUT="$LATENT_OUT" MODEL_CONFIG="$MODEL_CONFIG" PRETRANSFORM_CKPT="$vae" \
         PRE_ENCODE_ARGS="${PRE_ENCODE_ARGS:-}" -- "${pre_opts[@]}"
   after="$DONE"
   if [ "$PRE_ENCODE_VAL" != 0 ]; then
-    stage pre_encode_val pre_encode.sh "$PRE_ENCODE_TASKS" "$pre_after" INPUT="$SHARD_OUT/val/manifest.json" \
+    stage pre_encode_val pre_encode.sh "$PRE_ENCODE_TASKS" "$PRE_ENCODE_NODES" "$PRE_ENCODE_TASKS_PER_NODE" 1 \
+          "$pre_after" INPUT="$SHARD_OUT/val/manifest.json" \
           OUTPUT="$LATENT_OUT/val" MODEL_CONFIG="$MODEL_CONFIG" PRETRANSFORM_CKPT="$vae" \
           PRE_ENCODE_ARGS="${PRE_ENCODE_ARGS:-}" -- "${pre_opts[@]}"
     after="$after:$DONE"  # afterok:a:b waits for both
@@ -178,7 +214,7 @@ if [ "$first" -le 2 ]; then
   after="$JOB"
 fi
 
-stage render render.sh "$RENDER_TASKS" "$after" CHECKPOINTS="$LEDGER" PROMPTS="$PROMPTS" \
+stage render render.sh "$RENDER_TASKS" "$RENDER_NODES" "$RENDER_TASKS_PER_NODE" 1 "$after" CHECKPOINTS="$LEDGER" PROMPTS="$PROMPTS" \
       OUTPUT="$RENDER_OUT" RENDER_ARGS="${RENDER_ARGS:-}" -- "${render_opts[@]}"
 
 echo "outputs: shards $SHARD_OUT, latents $LATENT_OUT, model $LEDGER, render $RENDER_OUT/manifest.json"

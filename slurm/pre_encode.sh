@@ -22,7 +22,7 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%j.log
 set -euo pipefail
-CANTUS_STAGE=pre_encode
+export CANTUS_STAGE=pre_encode
 source "${CANTUS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
 require INPUT OUTPUT MODEL_CONFIG PRETRANSFORM_CKPT
 task_flags
@@ -32,4 +32,4 @@ args=(--input "$INPUT" --output "$OUTPUT" --model-config "$MODEL_CONFIG" --pretr
 # shellcheck disable=SC2206  # a list of flags, split on spaces on purpose
 extra=(${PRE_ENCODE_ARGS:-})
 log "python -m pipeline.pre_encode $STEP ${args[*]} ${extra[*]} ${TASK_FLAGS[*]}"
-exec "$CANTUS_PYTHON" -m pipeline.pre_encode "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"
+run_step "$CANTUS_PYTHON" -m pipeline.pre_encode "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"

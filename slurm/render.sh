@@ -22,7 +22,7 @@
 #SBATCH --time=02:00:00
 #SBATCH --output=%x-%j.log
 set -euo pipefail
-CANTUS_STAGE=render
+export CANTUS_STAGE=render
 source "${CANTUS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
 require CHECKPOINTS PROMPTS OUTPUT
 task_flags
@@ -32,4 +32,4 @@ checkpoints=($CHECKPOINTS)
 extra=(${RENDER_ARGS:-})
 args=(--checkpoints "${checkpoints[@]}" --prompts "$PROMPTS" --output "$OUTPUT" --device "$(step_device)")
 log "python -m pipeline.render $STEP ${args[*]} ${extra[*]} ${TASK_FLAGS[*]}"
-exec "$CANTUS_PYTHON" -m pipeline.render "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"
+run_step "$CANTUS_PYTHON" -m pipeline.render "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"

@@ -21,7 +21,7 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%j.log
 set -euo pipefail
-CANTUS_STAGE=shard
+export CANTUS_STAGE=shard
 source "${CANTUS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
 require INPUT OUTPUT
 task_flags
@@ -30,4 +30,4 @@ args=(--input "$INPUT" --output "$OUTPUT")
 # shellcheck disable=SC2206  # SHARD_ARGS is a list of flags, split on spaces on purpose
 extra=(${SHARD_ARGS:-})
 log "python -m pipeline.shard $STEP ${args[*]} ${extra[*]} ${TASK_FLAGS[*]}"
-exec "$CANTUS_PYTHON" -m pipeline.shard "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"
+run_step "$CANTUS_PYTHON" -m pipeline.shard "$STEP" "${args[@]}" "${extra[@]}" "${TASK_FLAGS[@]}"

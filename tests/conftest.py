@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import s3server  # noqa: E402  (tests/ is not a package)
-from slurmcluster import slurm_cluster  # noqa: E402,F401  (a real single-node SLURM, started on first use)
+from slurmcluster import slurm_cluster, slurm_cluster_2nodes  # noqa: E402,F401  (real SLURMs, started on first use)
 
 
 @pytest.fixture(scope="session")

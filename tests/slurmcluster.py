@@ -1,16 +1,20 @@
-"""Start and stop a real single-node SLURM (munged, slurmctld, slurmd) on 127.0.0.1 for tests.
+"""Start and stop a real SLURM (munged, slurmctld, one slurmd per node) on 127.0.0.1 for tests.
 
 Everything is private to one ``start()``: its own munged socket, its own ports, its own
 ``slurm.conf``, state and spool directories, so it neither needs nor disturbs a SLURM or munge that
 may already run on the machine, and every job its controller knows was submitted by its user.
 Commands reach it through ``SLURM_CONF`` (``Cluster.env()``). From pytest, use the session fixture
-``slurm_cluster`` (import it in tests/conftest.py). From a shell::
+``slurm_cluster`` (one node named after the host) or ``slurm_cluster_2nodes`` (nodes ``n1`` and ``n2``, each
+its own slurmd with its own port, both at NodeAddr 127.0.0.1; the names do not resolve, as on many clusters);
+import them in tests/conftest.py. From a shell::
 
-    python tests/slurmcluster.py start --dir D   # prints `export SLURM_CONF=...`, writes D/cluster.json
+    python tests/slurmcluster.py start --dir D [--nodes 2]  # prints `export SLURM_CONF=...`, writes D/cluster.json
     python tests/slurmcluster.py stop --dir D    # scancel every job, stop only the daemons in D/cluster.json
 
 The Debian packages come from ``tools/install_system.sh --test``. The configuration follows the recipe
-verified in ENVIRONMENT.md ("A real single-node SLURM"); the comments say why each line is there.
+verified in ENVIRONMENT.md ("A real single-node SLURM", "Two SLURM nodes on one host"); the comments say
+why each line is there. Several nodes share this machine's /tmp and CPUs: a test that stands for node-local
+disks gives each node its own folder, by ``SLURMD_NODENAME``.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ class Cluster:
     munge_dir: str
     """munged's socket, pid, seed and log (outside ``base_dir``: the munge user must reach it)."""
     pids: dict[str, int]
-    """The daemons this cluster started: ``munged``, ``slurmctld``, ``slurmd``."""
+    """The daemons this cluster started: ``munged``, ``slurmctld``, ``slurmd.<node>`` per node."""
     cpus: int
-    """CPUs the node advertises (more than the machine has, so several 1-CPU tasks run at once)."""
+    """CPUs each node advertises (more than the machine has, so several 1-CPU tasks run at once)."""
+    nodes: tuple[str, ...] = ()
+    """The node names, in the partition's order."""
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """``base`` (default ``os.environ``) with ``SLURM_CONF`` pointing at this cluster."""
@@ -131,20 +137,37 @@ def _clear_stale(pid_file: Path) -> None:
         pid_file.unlink()
 
 
-def _node_line(cpus: int) -> tuple[str, str]:
-    """The node's name and its slurm.conf line, from ``slurmd -C`` with ``cpus`` CPUs."""
+def _host() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def node_names(nodes: int) -> tuple[str, ...]:
+    """One node: named after the host, as a plain install has it. Several: n1, n2, ... (names that do not
+    resolve, so a rendezvous must take the address SLURM knows, NodeAddr)."""
+    return (_host(),) if nodes == 1 else tuple(f"n{i}" for i in range(1, nodes + 1))
+
+
+def _node_lines(cpus: int, names: tuple[str, ...]) -> list[str]:
+    """The slurm.conf node lines, from ``slurmd -C`` with ``cpus`` CPUs per node. Several nodes on this host
+    each get their own slurmd port (``Port=``) and ``NodeHostname`` (where their slurmd runs)."""
     fields = dict(f.split("=", 1) for f in subprocess.run(
         ["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.split() if "=" in f)
-    name = socket.gethostname().split(".")[0]
     # One socket of `cpus` single-thread cores: with CR_Core each 1-CPU task takes one core.
-    return name, (f"NodeName={name} NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 SocketsPerBoard=1 "
-                  f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={fields['RealMemory']} State=UNKNOWN")
+    shape = (f"CPUs={cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 "
+             f"RealMemory={fields['RealMemory']} State=UNKNOWN")
+    if len(names) == 1:
+        return [f"NodeName={names[0]} NodeAddr=127.0.0.1 {shape}"]
+    return [f"NodeName={n} NodeHostname={_host()} NodeAddr=127.0.0.1 Port={_free_port()} {shape}" for n in names]
 
 
-def write_conf(base: Path, munge_socket: str, cpus: int) -> Path:
-    node, node_line = _node_line(cpus)
-    for sub in ("state", "spool"):
+def write_conf(base: Path, munge_socket: str, cpus: int, names: tuple[str, ...] | None = None) -> Path:
+    names = names or node_names(1)
+    node = _host()
+    several = len(names) > 1
+    for sub in ("state", "spool", *(f"spool/{n}" for n in names if several)):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    # `%n` (the node name): each slurmd of this host needs its own spool, pid and log file.
+    per_node = ".%n" if several else ""
     conf = base / "slurm.conf"
     conf.write_text("\n".join([
         "ClusterName=cantus",
@@ -171,13 +194,14 @@ def write_conf(base: Path, munge_socket: str, cpus: int) -> Path:
         "KillWait=5",
         "MinJobAge=2",  # finished jobs leave squeue quickly
         f"StateSaveLocation={base / 'state'}",
-        f"SlurmdSpoolDir={base / 'spool'}",
+        f"SlurmdSpoolDir={base / 'spool'}{'/%n' if several else ''}",
         f"SlurmctldPidFile={base / 'slurmctld.pid'}",
-        f"SlurmdPidFile={base / 'slurmd.pid'}",
+        f"SlurmdPidFile={base / f'slurmd{per_node}.pid'}",
         f"SlurmctldLogFile={base / 'slurmctld.log'}",
-        f"SlurmdLogFile={base / 'slurmd.log'}",
-        node_line,
-        f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP",
+        f"SlurmdLogFile={base / f'slurmd{per_node}.log'}",
+        "SlurmdDebug=info",  # higher levels print slurmstepd debug lines on srun's stderr
+        *_node_lines(cpus, names),
+        f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
         "",
     ]))
     return conf
@@ -199,8 +223,8 @@ def _start_munged(munge_dir: Path) -> int:
     return pid
 
 
-def start(base_dir: str, cpus: int = 8, timeout: float = 60) -> Cluster:
-    """Start munged, slurmctld and slurmd; return once the node is idle."""
+def start(base_dir: str, cpus: int = 8, timeout: float = 60, nodes: int = 1) -> Cluster:
+    """Start munged, slurmctld and one slurmd per node; return once every node is idle."""
     for tool in ("munged", "slurmctld", "slurmd", "sbatch"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} not found: run tools/install_system.sh --test (as root)")
@@ -213,25 +237,27 @@ def start(base_dir: str, cpus: int = 8, timeout: float = 60) -> Cluster:
     munge_dir = Path(tempfile.mkdtemp(prefix="cantus-munge-"))
     munge_dir.chmod(0o755)
     pids: dict[str, int] = {}
-    cluster = Cluster(str(base / "slurm.conf"), str(base), str(munge_dir), pids, cpus)
+    names = node_names(nodes)
+    cluster = Cluster(str(base / "slurm.conf"), str(base), str(munge_dir), pids, cpus, names)
     try:
         pids["munged"] = _start_munged(munge_dir)
-        write_conf(base, str(munge_dir / "socket"), cpus)
+        write_conf(base, str(munge_dir / "socket"), cpus, names)
         env = cluster.env()
-        for daemon, args in (("slurmctld", ["slurmctld", "-i"]),
-                             ("slurmd", ["slurmd", "-N", _node_line(cpus)[0]])):
-            pid_file = base / f"{daemon}.pid"
+        daemons = [("slurmctld", ["slurmctld", "-i"], base / "slurmctld.pid")]
+        daemons += [(f"slurmd.{n}", ["slurmd", "-N", n], base / ("slurmd.pid" if nodes == 1 else f"slurmd.{n}.pid"))
+                    for n in names]
+        for daemon, args, pid_file in daemons:
             _clear_stale(pid_file)
             subprocess.run(args, env=env, check=True, capture_output=True, timeout=30)  # forks
             pids[daemon] = _read_pid(pid_file)
         deadline = time.monotonic() + timeout
         while True:
-            state = cluster.run("sinfo", "-h", "-o", "%T", check=False).strip()
-            if state == "idle":
+            state = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()
+            if state == ["idle"] * nodes:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node state {state!r} after {timeout:.0f} s; see {base}/slurmctld.log "
-                                   f"and {base}/slurmd.log")
+                raise RuntimeError(f"node states {state!r} after {timeout:.0f} s; see {base}/slurmctld.log "
+                                   f"and {base}/slurmd*.log")
             time.sleep(0.2)
         Path(base, "cluster.json").write_text(json.dumps(dataclasses.asdict(cluster)))
         return cluster
@@ -260,7 +286,8 @@ def stop(cluster: Cluster) -> None:
             except TimeoutError:
                 pass  # shutdown below still stops the daemons; slurmd kills what is left
         cluster.run("scontrol", "shutdown", check=False)
-    for daemon in ("slurmd", "slurmctld", "munged"):
+    slurmds = [d for d in cluster.pids if d.startswith("slurmd")]
+    for daemon in (*slurmds, "slurmctld", "munged"):
         pid = cluster.pids.get(daemon)
         if pid is None or not _alive(pid):
             continue
@@ -292,8 +319,24 @@ try:  # the session fixture; tests/conftest.py imports it (`from slurmcluster im
             yield cluster
         finally:
             stop(cluster)
+
+    @pytest.fixture(scope="session")
+    def slurm_cluster_2nodes(tmp_path_factory):
+        """A running two-node SLURM (n1, n2: two slurmd on this host, NodeAddr 127.0.0.1) for the session."""
+        if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+            pytest.fail("SLURM is not installed: run tools/install_system.sh --test (as root), as tools/test.sh does")
+        cluster = start(str(tmp_path_factory.mktemp("slurm2")), cpus=4, nodes=2)
+        try:
+            yield cluster
+        finally:
+            stop(cluster)
 except ImportError:  # used as a script without pytest
     pass
+
+
+def _load(state: Path) -> Cluster:
+    fields = json.loads(state.read_text())
+    return Cluster(**{**fields, "nodes": tuple(fields.get("nodes", ()))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,20 +344,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", required=True, help="cluster directory; holds slurm.conf and cluster.json")
-    parser.add_argument("--cpus", type=int, default=8, help="CPUs the node advertises")
+    parser.add_argument("--cpus", type=int, default=8, help="CPUs each node advertises")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (several: n1, n2, ... on this host)")
     args = parser.parse_args(argv)
     state = Path(args.dir, "cluster.json")
     if args.action == "start":
         if state.exists():
-            old = Cluster(**json.loads(state.read_text()))
+            old = _load(state)
             if any(_alive(p) for p in old.pids.values()):
                 raise SystemExit(f"{state}: a cluster is already running there; stop it first")
-        cluster = start(args.dir, args.cpus)
+        cluster = start(args.dir, args.cpus, nodes=args.nodes)
         sys.stdout.write(f"export SLURM_CONF={cluster.conf}\n")
     else:
         if not state.exists():
             raise SystemExit(f"{state}: no cluster state, nothing to stop")
-        stop(Cluster(**json.loads(state.read_text())))
+        stop(_load(state))
         state.unlink()
     return 0
 

@@ -2,8 +2,15 @@
 
 This is the only module that reads the launcher's environment variables. Supported launchers:
 torchrun and the `deepspeed` launcher (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), SLURM's
-`srun` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first host of
-SLURM_JOB_NODELIST), and a plain `python pipeline/train.py` (one process, world size 1).
+`srun` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), and a plain `python pipeline/train.py` (one process,
+world size 1).
+
+Rendezvous under srun, unless MASTER_ADDR/MASTER_PORT are set: the address is the first node's `NodeAddr` as
+SLURM knows it (`scontrol show node <first host of SLURM_JOB_NODELIST>`; node names often do not resolve
+where the ranks run), falling back to the node name; the port is `20000 + job id % 10000`, one per job in
+20000-29999, below Linux's ephemeral range (32768-60999). `init_process_group` fails within
+`--rendezvous-timeout` seconds with one line naming address and port, on every rank, instead of hanging,
+and sets the collective timeout (`--collective-timeout`) after which a rank waiting for a lost peer fails.
 """
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import logging
 import os
 import socket
 import subprocess
+import time
+from datetime import timedelta
 from typing import Mapping, MutableMapping
 
 import torch
@@ -20,6 +29,19 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 29500
+SLURM_PORT_BASE = 20000
+"""Under srun without MASTER_PORT: port = SLURM_PORT_BASE + job id % SLURM_PORT_SPAN."""
+SLURM_PORT_SPAN = 10000
+DEFAULT_RENDEZVOUS_TIMEOUT = 300.0
+"""Seconds every rank waits for all ranks to reach the rendezvous (`--rendezvous-timeout`)."""
+DEFAULT_COLLECTIVE_TIMEOUT = 1800.0
+"""Seconds a collective waits for a peer before the rank fails (`--collective-timeout`; DeepSpeed's default).
+It must cover the longest time one rank works alone while the others wait (rank 0 writing the export)."""
+
+
+class RendezvousError(SystemExit):
+    """The rendezvous could not be reached in time: the message (one line) is printed and the process exits 1,
+    on every rank, without a traceback."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,6 +93,18 @@ def first_slurm_host(nodelist: str) -> str:
     return out[0]
 
 
+def slurm_node_addr(node: str) -> str:
+    """The address SLURM reaches `node` at (`NodeAddr` of `scontrol show node`), or the name itself when
+    SLURM does not say (then it must resolve on every node)."""
+    done = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True)
+    for field in done.stdout.split() if done.returncode == 0 else ():
+        if field.startswith("NodeAddr="):
+            return field.removeprefix("NodeAddr=") or node
+    logger.warning("`scontrol show node %s` gave no NodeAddr (%s): using the node name as MASTER_ADDR", node,
+                   done.stderr.strip()[-200:] or "no such field")
+    return node
+
+
 def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None = None) -> DistEnv:
     """Read the launcher's variables. `local_rank_arg` is the `--local_rank=N` the deepspeed launcher
     appends to our argv; it wins over LOCAL_RANK when both are present and they must agree."""
@@ -95,9 +129,9 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
         elif world == 1:
             addr = "127.0.0.1"
         else:
-            addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+            addr = slurm_node_addr(first_slurm_host(env["SLURM_JOB_NODELIST"]))
         # One port per job, so two jobs sharing a node do not collide at the rendezvous.
-        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        default_port = SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN
         return DistEnv(rank=_int_var(env, "SLURM_PROCID"), local_rank=_int_var(env, "SLURM_LOCALID"),
                        world_size=world, master_addr=addr,
                        master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port,
@@ -139,18 +173,75 @@ def device_for(denv: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(denv: DistEnv) -> None:
-    """Start torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU). World size 1 gets a real
-    one-rank group too, so collectives need no `if` (k-diffusion's `ensure_distributed`)."""
+def init_process_group(denv: DistEnv, *, rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT,
+                       collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
+    """Start torch.distributed (nccl on GPU, gloo on CPU) on a store we open ourselves, then DeepSpeed on
+    top of it. World size 1 gets a real one-rank group too, so collectives need no `if` (k-diffusion's
+    `ensure_distributed`). Raises RendezvousError within `rendezvous_timeout` seconds when the ranks cannot
+    meet; collectives then fail after `collective_timeout` seconds without their peers."""
     import deepspeed  # here, not at import time: tests of the data and checkpoint code skip its start-up
 
     export(denv)
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(denv))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        store = rendezvous(denv, rendezvous_timeout)
+        dist.init_process_group(backend, store=store, rank=denv.rank, world_size=denv.world_size,
+                                timeout=timedelta(seconds=collective_timeout))
+        # DeepSpeed adopts the group (its TorchBackend sees it initialised) and keeps the same timeout.
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=collective_timeout))
     logger.info("distributed: rank %d/%d local_rank %d of %d via %s, master %s:%d", denv.rank, denv.world_size,
                 denv.local_rank, denv.local_world_size, denv.launcher, denv.master_addr, denv.master_port)
+
+
+def _hosts_store(denv: DistEnv) -> bool:
+    """Rank 0 serves the rendezvous store, except under torchrun, whose agent already serves it."""
+    return denv.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def rendezvous(denv: DistEnv, timeout: float) -> dist.TCPStore:
+    """The TCP store every rank meets at, at MASTER_ADDR:MASTER_PORT, within `timeout` seconds.
+
+    Checked in Python first, so a wrong address ends in one line instead of c10d's retry log: the address must
+    resolve; the rank that serves the store must own it (binding to it fails at once otherwise); the others
+    retry connecting until the deadline."""
+    where = f"{denv.master_addr}:{denv.master_port}"
+    deadline = time.monotonic() + timeout
+
+    def fail(why: str) -> RendezvousError:
+        return RendezvousError(f"error: rendezvous at {where} failed (rank {denv.rank} of {denv.world_size}, "
+                               f"via {denv.launcher}): {why}; set MASTER_ADDR/MASTER_PORT to the address and a free "
+                               f"port of the first node, or raise --rendezvous-timeout")
+
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(denv.master_addr, denv.master_port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise fail(f"the address does not resolve ({e.strerror})") from None
+    if _hosts_store(denv):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+            except OSError as e:
+                raise fail(f"rank 0 serves the rendezvous but {sockaddr[0]} is not an address of its host "
+                           f"{socket.gethostname()} ({e.strerror})") from None
+    else:
+        while True:
+            try:
+                socket.create_connection(sockaddr[:2], timeout=max(min(5.0, deadline - time.monotonic()), 0.1)).close()
+                break
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise fail(f"nothing accepted a connection within {timeout:g} s ({e.strerror or e})") from None
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+    left = max(deadline - time.monotonic(), 1.0)
+    try:
+        store = dist.TCPStore(denv.master_addr, denv.master_port, world_size=denv.world_size,
+                              is_master=_hosts_store(denv), timeout=timedelta(seconds=left), wait_for_workers=True)
+    except RuntimeError as e:  # DistNetworkError, DistStoreError: a port in use, ranks missing at the deadline
+        raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    store.set_timeout(timedelta(seconds=timeout))  # later waits on the store (the backend's own connect) get it all
+    return store
 
 
 def init_logging(rank: int, level: int = logging.INFO) -> None:
