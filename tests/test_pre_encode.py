@@ -1,5 +1,4 @@
 """Stage 2 end to end on a tiny VAE: formats, exact metadata, identity, resume after SIGKILL."""
-import copy
 import json
 import math
 import os
@@ -17,12 +16,10 @@ from safetensors.torch import save_file
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.config import load_model_config
 from pipeline.data.audio import decode, encode_flac
 from pipeline.data.shards import ShardWriter, iter_samples
 from pipeline.models.autoencoder import create_autoencoder_from_config
 from pipeline.models.pretransforms import AutoencoderPretransform
-from pipeline.models.blocks import fold_weight_norm
 from pipeline.pre_encode import main
 
 ROOT = Path(__file__).resolve().parents[1]
