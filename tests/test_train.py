@@ -51,7 +51,7 @@ def _run(setup, name, zero, max_steps, *extra, style="torchrun", out=None):
 
 @pytest.fixture(scope="module")
 def zero0(setup):
-    return _run(setup, "zero0", 0, 10, "--checkpoint-every", "10")
+    return _run(setup, "zero0", 0, 10, "--checkpoint-every", "10", "--keep-scratch")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,12 @@ def test_keep_last_leaves_the_newest_checkpoints_and_removes_the_rest(zero2):
 
 
 @pytest.mark.distributed
+def test_a_finished_run_removes_its_scratch_folder_unless_keep_scratch(setup, zero0, zero2):
+    assert not os.path.exists(setup["root"] / "scratch-zero2")
+    assert os.path.isdir(setup["root"] / "scratch-zero0")  # --keep-scratch
+
+
+@pytest.mark.distributed
 def test_sigusr1_to_one_rank_checkpoints_both_exits_75_and_resumes_exactly(setup, zero2, s3_bucket):
     """On an S3 output: staged checkpoint files uploaded per rank, fetched back on resume."""
     out = f"s3://{s3_bucket}/train-signal"
@@ -159,6 +165,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_exits_75_and_resumes_exactly(setup
     final = load_file_url(manifest.read_ledger(f"{out}/checkpoints/manifest.json").at_step(20).export_url, setup)
     z2 = load_file(manifest.read_ledger(os.path.join(zero2, "checkpoints", "manifest.json")).at_step(20).export_url)
     assert all(torch.equal(final[k], z2[k]) for k in z2)
+    assert not os.path.exists(setup["root"] / "scratch-sig")  # staged checkpoints, cached shards: all gone
 
 
 def load_file_url(url, setup):
