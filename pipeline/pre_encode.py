@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 
@@ -41,6 +42,7 @@ from pipeline import stage_driver, storage
 from pipeline.config import ConfigError, PretransformConfig, load_model_config
 from pipeline.data import audio as audio_io
 from pipeline.data.shards import ShardCheck, ShardWriter, VerifiedShard, read_sample_json
+from pipeline.data.workers import die_with_parent
 from pipeline.models.blocks import fold_weight_norm
 from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config
 from pipeline.models.weights import architecture_sha256, load_autoencoder_weights
@@ -180,7 +182,8 @@ def encode_shard(enc: Encoder, item: dict, out_url: str, args,
     writer = ShardWriter(lambda n: out_url if n == 0 else out_url.replace(".tar", f"-{n}.tar"), 1 << 40)
     windows = ShardWindows(item, enc.sample_rate, enc.channels, props["sample_size"], props["downsampling_ratio"])
     loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=args.num_workers,
-                                         pin_memory=str(args.device).startswith("cuda"))
+                                         pin_memory=str(args.device).startswith("cuda"),
+                                         worker_init_fn=die_with_parent(os.getpid()))
 
     def flush():
         batch = torch.stack([p[1] for p in pending]).to(args.device, DTYPES[args.dtype], non_blocking=True)

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from pipeline import manifest, storage
+from pipeline import lease, manifest, storage
 from pipeline.cli import run_main
 from pipeline.config import ModelConfig, load_model_config
 from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef
@@ -38,8 +38,9 @@ from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
-from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
-                                  mean_over_ranks, scratch_dir, start_wandb, validation_losses, window_rates)
+from pipeline.train_setup import (check_pretransform, drop_staged, exit_code_for, export_tensors_fn, load_pretrained,
+                                  local_copy, log_plan, mean_over_ranks, output_lease, remove_scratch, scratch_dir,
+                                  start_wandb, validation_losses, window_rates)
 
 logger = logging.getLogger("pipeline.train")
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds every rank waits for all ranks at MASTER_ADDR:MASTER_PORT before it exits non-zero")
     p.add_argument("--collective-timeout", type=float, default=env.DEFAULT_COLLECTIVE_TIMEOUT,
                    help="seconds a collective waits for a lost or stuck peer before the rank fails")
+    p.add_argument("--keep-scratch", action="store_true", help="keep the scratch folder after a finished run")
+    p.add_argument("--lease-timeout", type=float, default=lease.DEFAULT_TIMEOUT,
+                   help="seconds without a heartbeat after which another trainer's lease on --output is stale "
+                        "and taken over (the heartbeat comes every timeout/5 s)")
     p.add_argument("--wandb", choices=("offline", "online", "off"), default="offline", help="Weights & Biases mode")
     p.add_argument("--dry-run", action="store_true", help="check config, data and plan on the CPU, then exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks of user errors (else one line, exit 2)")
@@ -110,9 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     ds_setup.check_optimizer_source(ds_config, args.ds_config, model_config_path=args.model_config,
                                     model_has_optimizer=cfg.training.optimizer_configs is not None)
     if cfg.model_type == "autoencoder":
-        from pipeline.train_autoencoder import train_autoencoder
-        return train_autoencoder(args, cfg, ds_config, layout, denv)
-    return train_diffusion(args, cfg, ds_config, layout, denv)
+        from pipeline.train_autoencoder import train_autoencoder as train
+    else:
+        train = train_diffusion
+    if args.dry_run:
+        return train(args, cfg, ds_config, layout, denv)
+    env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
+                           collective_timeout=args.collective_timeout)
+    try:
+        with output_lease(args, denv):
+            code = train(args, cfg, ds_config, layout, denv)
+    except (lease.LeaseError, storage.StorageError) as e:
+        return exit_code_for(e)  # 75 for a temporary storage failure (requeue), else 2
+    if code == 0 and not args.keep_scratch and denv.local_rank == 0:
+        remove_scratch(scratch_dir(args))
+    return code
 
 
 def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
@@ -128,8 +145,6 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
         load_pretrained(wrapper, pretrained, args.allow_partial, load=False)
         return 0
 
-    env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
-                           collective_timeout=args.collective_timeout)
     device = env.device_for(denv)
     torch.manual_seed(args.seed * denv.world_size + denv.rank)  # dropout, CFG dropout: per rank
     generator = torch.Generator().manual_seed(args.seed * denv.world_size + denv.rank)  # noise, t: per rank
@@ -173,6 +188,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             raise ValueError(f"--val-data {args.val_data}: {len(val_dataset)} samples, fewer than one batch per rank "
                              f"(--batch-size {layout.micro_batch} x world size {denv.world_size})")
     outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
+    drop_staged(outputs)  # what a save that failed half-way left
     header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
               "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
     ledger = outputs.read_ledger()
@@ -184,6 +200,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                                      world_size=denv.world_size, config_sha256=cfg.sha256,
                                      generators={"main": generator}, ema=ema)
         step = resumed.step
+        drop_staged(outputs)
         loader.load_state_dict(resumed.client["data"])
         timesteps.load_state_dict(resumed.client["timesteps"])
         logger.info("resumed from %s at step %d", entry.checkpoint_url, step)
@@ -275,11 +292,11 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                     logger.info("step %d | val_loss %.4f", step, record["val_loss"])
             if demos is not None and step % demos.plan.every == 0:
                 demos.render(step)
-            if step % args.checkpoint_every == 0 or stopped or step == args.max_steps:
+            if stop.may_save and (step % args.checkpoint_every == 0 or stopped or step == args.max_steps):
                 save(step)
             if stopped:
-                logger.warning("stop signal %s: saved step %d of %d, exiting with %d", stop.received, step,
-                               args.max_steps, EXIT_STOPPED)
+                logger.warning("stop (%s): %s step %d of %d, exiting with %d", stop.reason,
+                               "saved" if stop.may_save else "did not save", step, args.max_steps, EXIT_STOPPED)
                 break
     finally:
         stop.restore()

@@ -26,7 +26,7 @@ from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
 from pipeline.models.autoencoder_losses import autoencoder_step_losses, create_autoencoder_losses
 from pipeline.models.factory import create_model_from_config
-from pipeline.train_setup import mean_over_ranks, scratch_dir, start_wandb, window_rates
+from pipeline.train_setup import drop_staged, mean_over_ranks, scratch_dir, start_wandb, window_rates
 
 logger = logging.getLogger("pipeline.train")
 
@@ -82,8 +82,6 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
         raise ValueError(f"{args.ds_config}: gradient_accumulation_steps must be 1 for autoencoders (the "
                          f"discriminator steps every batch)")
 
-    env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
-                           collective_timeout=args.collective_timeout)
     device = env.device_for(denv)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     autoencoder = create_model_from_config(cfg)
@@ -116,6 +114,7 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
     loader = LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=layout.micro_batch,
                           seed=data_seed, num_workers=args.num_workers)
     outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
+    drop_staged(outputs)  # what a save that failed half-way left
     header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
               "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
     step = 0
@@ -127,6 +126,7 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
                                          world_size=denv.world_size, config_sha256=cfg.sha256,
                                          generators={"main": generator}, ema=ema)
         step = resumed.step
+        drop_staged(outputs)
         loader.load_state_dict(resumed.client["data"])
         if disc is not None:
             _load_optimizer_tensors("disc", extra, disc, disc_opt, resumed.client["disc_param_groups"])
@@ -202,11 +202,11 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
                     if wandb_run is not None:
                         wandb_run.log(record, step=step)
                 window = {"n": 0, "loss": 0.0, "data_wait": 0.0, "start": time.perf_counter(), "terms": {}}
-            if step % args.checkpoint_every == 0 or stopped or step == args.max_steps:
+            if stop.may_save and (step % args.checkpoint_every == 0 or stopped or step == args.max_steps):
                 save(step)
             if stopped:
-                logger.warning("stop signal %s: saved step %d of %d, exiting with %d", stop.received, step,
-                               args.max_steps, EXIT_STOPPED)
+                logger.warning("stop (%s): %s step %d of %d, exiting with %d", stop.reason,
+                               "saved" if stop.may_save else "did not save", step, args.max_steps, EXIT_STOPPED)
                 break
     finally:
         stop.restore()

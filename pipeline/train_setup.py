@@ -2,16 +2,23 @@
 the export's tensor set, the plan printed at start, W&B. `pipeline/train.py` reads top to bottom with these."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import logging
 import os
-from typing import Callable
+import shutil
+import sys
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from pipeline import manifest, storage
+from pipeline import lease, manifest, storage
+from pipeline.cli import EXIT_USER_ERROR
 from pipeline.config import ModelConfig
+from pipeline.distributed import env
+from pipeline.distributed.stop import EXIT_STOPPED, request_stop
 from pipeline.distributed.checkpoint import full_fp32_state_dict
 from pipeline.distributed.engine import BatchLayout, zero_stage
 from pipeline.models.factory import create_model_from_config
@@ -25,6 +32,94 @@ def scratch_dir(args) -> str:
     """`--scratch-dir`, or a folder named after the output under $TMPDIR (local disk: staged checkpoints, shards)."""
     name = "cantus-" + os.path.basename(args.output.rstrip("/"))
     return args.scratch_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), name)
+
+
+SCRATCH_ENTRIES = ("rank-*", "shards", "weights", "ema-consolidate", "wandb-demos", "export-*.safetensors",
+                   "metrics.jsonl")
+"""Everything the train stage writes under its scratch folder, except W&B's offline run (`wandb/`, kept for
+`wandb sync`). A finished run deletes these and then the folder if it is empty; a test checks that nothing is
+left, so a new entry must be added here."""
+
+
+def remove_scratch(scratch: str) -> None:
+    """After a finished run (every rank past the last barrier; one call per node): delete the scratch folder."""
+    for pattern in SCRATCH_ENTRIES:
+        for path in glob.glob(os.path.join(glob.escape(scratch), pattern)):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(scratch)  # only if empty: a --scratch-dir the user shares with other files stays
+    if os.path.isdir(scratch):
+        logger.info("scratch %s kept: it holds files that are not the train stage's (W&B offline runs in wandb/)",
+                    scratch)
+    else:
+        logger.info("scratch %s removed (--keep-scratch keeps it)", scratch)
+
+
+def drop_staged(outputs) -> None:
+    """Remove this rank's staged checkpoint folders (an S3 output's local copies): after a resume has loaded
+    one, nothing staged is needed any more, and a save that failed half-way leaves nothing behind."""
+    if outputs.staged and os.path.isdir(outputs.local_root):
+        shutil.rmtree(outputs.local_root)
+
+
+@contextlib.contextmanager
+def output_lease(args, denv) -> Iterator[lease.Lease | None]:
+    """Collective: rank 0 holds `<out>/_lease.json` (pipeline/lease.py) for the run; when it cannot, every rank
+    raises the same error. The heartbeat's failure asks the loop to stop (with a checkpoint, or without one when
+    another trainer took the output over). Released at the end, unless the store is unavailable (releasing would
+    wait out the stall limit again; a requeue of this job takes its own lease over at once)."""
+    import torch.distributed as dist
+
+    held, error = None, None
+    if denv.rank == 0:
+        job = env.job_identity()
+        try:
+            held = lease.acquire(args.output, lease.Holder.this_process(job.job_id, job.restart_count),
+                                 args.lease_timeout)
+        except (lease.LeaseError, storage.StorageError) as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)  # our own ranks: an exception object from rank 0
+        error = shared[0]
+    if error is not None:
+        raise error
+    if held is None:
+        yield None
+        return
+
+    def release() -> None:
+        try:
+            held.release()
+        except storage.StorageError as e:
+            logger.warning("%s: not released (%s); it turns stale after --lease-timeout %g s", held.url, e,
+                           held.timeout)
+
+    held.start_heartbeat(lambda message, lost: request_stop(message, save=not lost))
+    try:
+        yield held
+    except storage.StorageUnavailable:
+        held.stop_heartbeat()
+        raise
+    except BaseException:
+        release()
+        raise
+    release()
+
+
+def exit_code_for(error: BaseException) -> int:
+    """Train's exit code for a storage or lease error, after one line on stderr: 75 (requeue, then resume) for a
+    temporary storage failure, 2 for a permanent one, a held or unreadable lease."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    # A DataLoader worker's error arrives with the worker's traceback in its message: keep the last line.
+    last = last.split(f"{type(error).__name__}: ", 1)[-1]
+    temporary = isinstance(error, storage.StorageUnavailable)
+    sys.stderr.write(f"error: {last}\n" + ("exiting with 75: a requeue resumes from the last checkpoint\n"
+                                           if temporary else ""))
+    return EXIT_STOPPED if temporary else EXIT_USER_ERROR
 
 
 def local_copy(url: str, scratch: str) -> str:

@@ -22,6 +22,8 @@ from pipeline.models.autoencoder import create_autoencoder_from_config
 from pipeline.models.pretransforms import AutoencoderPretransform
 from pipeline.pre_encode import main
 
+import proctree  # tests/proctree.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
 TINY_VAE = {
@@ -129,10 +131,14 @@ def test_rerun_after_sigkill_gives_every_sample_once(tmp_path, vae_files):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (Path(out_url) / "_items" / "1.json").exists() and time.time() < deadline and proc.poll() is None:
+    run = []  # the stage's DataLoader worker: kill while one runs
+    while not ((Path(out_url) / "_items" / "1.json").exists() and (run := proctree.descendants(proc.pid))) \
+            and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert run, "no DataLoader worker was running at the kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proctree.assert_all_exit(run)  # no process of the killed run is left
     assert not (Path(out_url) / "manifest.json").exists(), "killed too late: the run had finished"
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     latents = read_latents(f"{out_url}/manifest.json")

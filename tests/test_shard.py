@@ -27,6 +27,8 @@ from pipeline.data import audio as audio_io
 from pipeline.data.shards import iter_samples
 from pipeline.shard import main
 
+import proctree  # tests/proctree.py
+
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "bad_audio"))
 import generate  # noqa: E402  (the corpus generator, tests/fixtures/bad_audio/generate.py)
 
@@ -251,8 +253,10 @@ def test_a_task_killed_mid_run_resumes_without_duplicates_or_losses(tmp_path):
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    run = proctree.descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proctree.assert_all_exit(run)  # no process of the killed run is left
     assert first.exists() and not (out / "_parts").exists(), "the kill must land between shards"
     killed_sha = hashlib.sha256(first.read_bytes()).hexdigest()
 

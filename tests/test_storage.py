@@ -217,3 +217,104 @@ def test_local_path_is_the_path_itself_or_one_download(store_url, tmp_path):
     assert (first == url) == (not storage.is_s3(url))
     storage.write(url, b"changed")  # a cached copy is not fetched again
     assert storage.local_path(url, str(tmp_path / "cache")) == first
+
+
+def test_put_conditional_replaces_only_the_version_it_names(store_url):
+    url = storage.join(store_url, "lease.json")
+    first = storage.put_conditional(url, b"one", if_match=None)
+    assert first is not None and storage.put_conditional(url, b"again", if_match=None) is None
+    info = storage.stat(url)
+    assert info.version == first and info.modified is not None
+    second = storage.put_conditional(url, b"two", if_match=first)
+    assert second not in (None, first) and storage.read_bytes(url) == b"two"
+    assert storage.put_conditional(url, b"stale", if_match=first) is None  # the old version is gone
+    data, info = storage.read_versioned(url)
+    assert (data, info.version) == (b"two", second)
+    assert storage.delete_if_match(url, first) is False and storage.exists(url)
+    assert storage.delete_if_match(url, second) is True and not storage.exists(url)
+    assert storage.put_conditional(url, b"x", if_match=second) is None and not storage.exists(url)
+    assert [o.url for o in storage.list_objects(store_url)] == []  # no temp or aside file is listed
+
+
+def test_store_time_is_the_stores_clock_next_to_a_fresh_write(store_url):
+    url = storage.join(store_url, "clock.json")
+    storage.write(url, b"1")
+    age = storage.store_time(url) - storage.stat(url).modified
+    assert -1.0 <= age <= 30.0  # S3: 1 s resolution on both sides
+
+
+def test_s3_retries_are_logged_and_a_refused_endpoint_stops_at_the_stall_limit(monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-logged")
+    monkeypatch.setenv("CANTUS_S3_STALL_SECONDS", "2")
+    storage.reset()
+    try:
+        with pytest.raises(storage.StorageUnavailable, match=r"^s3://b/k: no progress for \d+ s \(GetObject: cannot "
+                                                             r"connect.*\); stopped by CANTUS_S3_STALL_SECONDS=2$"):
+            storage.read_bytes("s3://b/k")
+    finally:
+        monkeypatch.undo()
+        storage.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all(re.match(r"s3://b/k: GetObject attempt \d+ failed", w) for w in warnings)
+    assert "attempt 2 failed" in " ".join(warnings) and "secret-never-logged" not in caplog.text
+
+
+def test_cantus_s3_stall_seconds_must_be_a_positive_number(monkeypatch):
+    monkeypatch.setenv("CANTUS_S3_STALL_SECONDS", "soon")
+    with pytest.raises(storage.StorageError, match="CANTUS_S3_STALL_SECONDS='soon': expected a positive number"):
+        storage.stall_seconds()
+
+
+def test_a_frozen_s3_server_during_shard_warns_within_30_s_and_stops_at_the_stall_limit(tmp_path, monkeypatch):
+    """A private server paused with SIGSTOP while `shard` writes to it: a WARNING with the URL and the attempt,
+    then one line naming the URL and exit 2 once CANTUS_S3_STALL_SECONDS (9 here) has passed."""
+    import s3server
+    sys.path.insert(0, os.path.join(REPO, "tests", "fixtures", "bad_audio"))
+    import generate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"clip{i:02d}.flac").write_bytes(generate.encode(generate.tone(3.0, 44100, 2, freq=200 + 10 * i),
+                                                                44100, "FLAC"))
+        (src / f"clip{i:02d}.txt").write_text(f"clip {i}")
+    server = s3server.start(str(tmp_path / "weed"))
+    proc = None
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        storage.reset()
+        storage._client().create_bucket(Bucket="frozen")
+        stderr = tmp_path / "stderr.txt"
+        env = {**os.environ, "CANTUS_S3_STALL_SECONDS": "9", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+        with open(stderr, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.shard", "--input", str(src), "--output",
+                                     "s3://frozen/out", "--sample-rate", "48000", "--shard-size-mb", "0.3"],
+                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 300
+        while not storage.exists("s3://frozen/out/_plan.json"):
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.1)
+        os.kill(server.pid, signal.SIGSTOP)
+        paused = time.monotonic()
+        while "WARNING" not in stderr.read_text():
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() - paused < 30, "no WARNING within 30 s:\n" + stderr.read_text()
+            time.sleep(0.2)
+        assert proc.wait(timeout=300) == 2, stderr.read_text()
+        text = stderr.read_text()
+        assert re.search(r"WARNING .*s3://frozen/out/\S+: \w+.* attempt 1 failed \(no answer from the S3 endpoint", text)
+        last = text.strip().splitlines()[-1]
+        assert re.search(r"s3://frozen/out/\S+: no progress for \d+ s \(.*\); stopped by CANTUS_S3_STALL_SECONDS=9$",
+                         last), last
+        assert "Traceback" not in text and s3server.SECRET_KEY not in text
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        s3server.stop(server.pid)
+        monkeypatch.undo()
+        storage.reset()

@@ -5,6 +5,7 @@ tests compare their outputs.
 """
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -50,7 +51,7 @@ def _run(setup, name, zero, max_steps, *extra, style="torchrun", out=None):
 
 @pytest.fixture(scope="module")
 def zero0(setup):
-    return _run(setup, "zero0", 0, 10, "--checkpoint-every", "10")
+    return _run(setup, "zero0", 0, 10, "--checkpoint-every", "10", "--keep-scratch")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,12 @@ def test_keep_last_leaves_the_newest_checkpoints_and_removes_the_rest(zero2):
 
 
 @pytest.mark.distributed
+def test_a_finished_run_removes_its_scratch_folder_unless_keep_scratch(setup, zero0, zero2):
+    assert not os.path.exists(setup["root"] / "scratch-zero2")
+    assert os.path.isdir(setup["root"] / "scratch-zero0")  # --keep-scratch
+
+
+@pytest.mark.distributed
 def test_sigusr1_to_one_rank_checkpoints_both_exits_75_and_resumes_exactly(setup, zero2, s3_bucket):
     """On an S3 output: staged checkpoint files uploaded per rank, fetched back on resume."""
     out = f"s3://{s3_bucket}/train-signal"
@@ -158,6 +165,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_exits_75_and_resumes_exactly(setup
     final = load_file_url(manifest.read_ledger(f"{out}/checkpoints/manifest.json").at_step(20).export_url, setup)
     z2 = load_file(manifest.read_ledger(os.path.join(zero2, "checkpoints", "manifest.json")).at_step(20).export_url)
     assert all(torch.equal(final[k], z2[k]) for k in z2)
+    assert not os.path.exists(setup["root"] / "scratch-sig")  # staged checkpoints, cached shards: all gone
 
 
 def load_file_url(url, setup):
@@ -216,3 +224,93 @@ def test_pretrained_checkpoints_load_strictly_unless_allow_partial(setup, tmp_pa
     assert torch.equal(after[name], before)  # the mismatched tensor keeps its init
     key = "model.model.transformer.layers.0.self_attn.to_qkv.weight"
     assert key in after and torch.equal(after[key], source[key])
+
+
+def _stderr_lines(logs: str, rank: int = 0) -> list[str]:
+    return [line for line in trainkit.log_tail(logs, rank, n=20000).splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_second_trainer_on_one_output_exits_2_naming_the_holder(setup, backend, request):
+    """Two real trainers (one rank each) on one output: the second exits 2 with one line naming the first; the
+    first, stopped by a signal, releases its lease."""
+    if backend == "s3":
+        out = f"s3://{request.getfixturevalue('s3_bucket')}/two-trainers"
+    else:
+        out = str(setup["root"] / "two-trainers")
+    first_logs, second_logs = str(setup["root"] / f"logs-first-{backend}"), str(setup["root"] / f"logs-second-{backend}")
+    argv = _argv(setup, out, 2, 100000, "--checkpoint-every", "100000")
+    first = trainkit.launch([*argv, "--scratch-dir", str(setup["root"] / f"scratch-first-{backend}")], world=1,
+                            log_dir=first_logs, env={"SLURM_JOB_ID": "1001", "SLURM_RESTART_COUNT": "0"})
+    try:
+        lease_url = storage.join(out, "_lease.json")
+        deadline = time.time() + 300
+        while not storage.exists(lease_url):
+            assert time.time() < deadline and first[0].poll() is None, trainkit.log_tail(first_logs, 0)
+            time.sleep(0.2)
+        second = trainkit.launch([*argv, "--scratch-dir", str(setup["root"] / f"scratch-second-{backend}")], world=1,
+                                 log_dir=second_logs, env={"SLURM_JOB_ID": "1002", "SLURM_RESTART_COUNT": "0"})
+        assert trainkit.wait_all(second, second_logs) == [2], trainkit.log_tail(second_logs, 0)
+        line, = _stderr_lines(second_logs)
+        assert re.match(rf"error: {re.escape(lease_url)}: output held by SLURM job 1001 \(restart 0\) on host .*, "
+                        rf"pid {first[0].pid}, last heartbeat \d+ s ago", line), line
+        assert "Traceback" not in trainkit.log_tail(second_logs, 0, n=20000)
+        assert first[0].poll() is None  # the holder trains on
+    finally:
+        first[0].send_signal(signal.SIGUSR1)
+    assert trainkit.wait_all(first, first_logs) == [75], trainkit.log_tail(first_logs, 0)
+    assert not storage.exists(lease_url)  # released on the way out
+
+
+@pytest.mark.distributed
+def test_a_killed_s3_server_makes_train_exit_75_and_the_requeued_run_resumes(setup, tmp_path, monkeypatch):
+    """A private S3 server, SIGKILLed while train runs (after its first checkpoint): the next upload makes no
+    progress for CANTUS_S3_STALL_SECONDS, train exits 75 with one line; the server comes back on the same port and
+    data, and the requeued job (same SLURM_JOB_ID, restart count 1) takes its own lease over and resumes."""
+    import s3server
+
+    server = s3server.start(str(tmp_path / "weed"))
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    env = {**server.env(), "CANTUS_S3_STALL_SECONDS": "6", "SLURM_JOB_ID": "3003"}
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    storage.reset()
+    try:
+        storage._client().create_bucket(Bucket="outage")
+        out, scratch = "s3://outage/run", str(tmp_path / "scratch")
+        argv = _argv(setup, out, 2, 100000, "--checkpoint-every", "3", "--scratch-dir", scratch)
+        logs = str(tmp_path / "logs-outage")
+        procs = trainkit.launch(argv, world=1, log_dir=logs, env={**env, "SLURM_RESTART_COUNT": "0"})
+        deadline = time.time() + 300
+        while not storage.exists(f"{out}/checkpoints/manifest.json"):
+            assert time.time() < deadline and procs[0].poll() is None, trainkit.log_tail(logs, 0)
+            time.sleep(0.2)
+        os.kill(server.pid, signal.SIGKILL)
+        os.waitpid(server.pid, 0)
+        assert trainkit.wait_all(procs, logs, timeout=300) == [75], trainkit.log_tail(logs, 0)
+        text = trainkit.log_tail(logs, 0, n=100000)
+        assert re.search(r"WARNING pipeline\.storage: s3://outage/run/\S+: \w+.* attempt 1 failed", text)
+        line, = _stderr_lines(logs)
+        assert re.match(r"error: s3://outage/run/\S+: no progress for \d+ s \(.*\); stopped by "
+                        r"CANTUS_S3_STALL_SECONDS=6$", line), line
+        assert "Traceback" not in text
+
+        server = s3server.start(str(tmp_path / "weed"), port=port)  # back, with its data
+        storage.reset()
+        stopped = manifest.read_ledger(f"{out}/checkpoints/manifest.json").at_step().step
+        resume = [*argv[:argv.index("--max-steps") + 1], str(stopped + 2), *argv[argv.index("--max-steps") + 2:]]
+        procs = trainkit.launch(resume, world=1, log_dir=logs + "-requeued", env={**env, "SLURM_RESTART_COUNT": "1"})
+        assert trainkit.wait_all(procs, logs + "-requeued") == [0], trainkit.log_tail(logs + "-requeued", 0)
+        text = trainkit.log_tail(logs + "-requeued", 0, n=100000)
+        assert "taken over, this job's own lease, from before its requeue (restart 0)" in text
+        assert f"resumed from {out}/checkpoints/step-{stopped:09d} at step {stopped}" in text
+        ledger = manifest.read_ledger(f"{out}/checkpoints/manifest.json")
+        assert ledger.at_step().step == stopped + 2
+        steps = [json.loads(line)["step"] for line in storage.read_bytes(f"{out}/metrics.jsonl").decode().splitlines()]
+        assert steps[-2:] == [stopped + 1, stopped + 2] and steps == sorted(set(steps))
+        assert not storage.exists(f"{out}/_lease.json") and not os.path.exists(scratch)  # released, scratch removed
+    finally:
+        s3server.stop(server.pid)
+        monkeypatch.undo()
+        storage.reset()

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipeline import storage
+from pipeline.data.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class LatentLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_RankBatches(self, self.epoch, self.batch), collate_fn=collate,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            worker_init_fn=die_with_parent(os.getpid()),
             # its own generator: creating the iterator draws a seed, which must not move the global RNG that
             # the model's randomness (CFG dropout) uses, or a resumed run would differ from an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed))

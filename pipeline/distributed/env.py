@@ -140,6 +140,22 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
                    master_port=_free_port(), launcher="none")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class JobIdentity:
+    job_id: str | None
+    """SLURM_JOB_ID; None outside SLURM."""
+    restart_count: int
+    """SLURM_RESTART_COUNT: 0 on a job's first run, one more after each requeue (unset means 0)."""
+
+
+def job_identity(environ: Mapping[str, str] | None = None) -> JobIdentity:
+    """Which SLURM job this is and how often it was requeued (the train lease tells a requeue of its own job
+    from another trainer by these)."""
+    env = os.environ if environ is None else environ
+    restart = _int_var(env, "SLURM_RESTART_COUNT") if env.get("SLURM_RESTART_COUNT") else 0
+    return JobIdentity(job_id=env.get("SLURM_JOB_ID") or None, restart_count=restart)
+
+
 def _tasks_per_node(env: Mapping[str, str]) -> int:
     """SLURM_NTASKS_PER_NODE, or the first count of SLURM_TASKS_PER_NODE (`2(x3),1`); 1 when neither is set."""
     value = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")

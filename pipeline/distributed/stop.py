@@ -1,13 +1,16 @@
-"""Stop requests: SIGTERM (scancel, preemption) or SIGUSR1 (`sbatch --signal`) on any rank stops all ranks.
+"""Stop requests: SIGTERM (scancel, preemption) or SIGUSR1 (`sbatch --signal`) on any rank stops all ranks,
+and so does `request_stop()` (the lease heartbeat, from its thread).
 
 A signal reaches ranks at different times (or only one rank), so the handler only sets a flag; the
 training loop calls `should_stop()` once per step, which all-reduces the flag (MAX) so every rank
-leaves the loop at the same step and saves the same checkpoint together.
+leaves the loop at the same step and saves the same checkpoint together, unless a request said not to
+save (`may_save`: the output now belongs to another trainer).
 """
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -17,22 +20,45 @@ logger = logging.getLogger(__name__)
 EXIT_STOPPED = 75
 """EX_TEMPFAIL: stopped before --max-steps; SLURM's afterok must not release later stages, slurm/train.sh requeues."""
 
+_requests: list[tuple[str, bool]] = []
+_lock = threading.Lock()
+
+
+def request_stop(reason: str, *, save: bool = True) -> None:
+    """Ask the training loop to stop at its next step, from any thread; ``save=False``: without a checkpoint."""
+    with _lock:
+        _requests.append((reason, save))
+
 
 class StopFlag:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
+        self.may_save = True
+        """False once any rank was asked to stop without a checkpoint."""
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signum  # logging from a signal handler can deadlock; the loop logs it
 
+    @property
+    def reason(self) -> str:
+        with _lock:
+            requested = [r for r, _ in _requests]
+        return "; ".join(([f"signal {signal.Signals(self.received).name}"] if self.received else []) + requested)
+
     def should_stop(self, device: torch.device | str = "cpu") -> bool:
-        """Collective: True on every rank when any rank got a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        """Collective: True on every rank when any rank got a signal or a request (2: one without a save)."""
+        with _lock:
+            level = max([2.0 if not save else 1.0 for _, save in _requests], default=0.0)
+        level = max(level, 1.0 if self.received is not None else 0.0)
+        flag = torch.tensor([level], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.may_save = self.may_save and flag.item() < 2
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        with _lock:
+            _requests.clear()
