@@ -102,13 +102,14 @@ def compiled_copy(bench: DiTBench, **options) -> DiTBench:
     return dataclasses.replace(bench, model=model)
 
 
-def train_step_fn(bench: DiTBench, batch: int, dtype: torch.dtype, device, *, fused: bool | None = None
-                  ) -> Callable[[], torch.Tensor]:
-    """One training step on fixed random inputs: forward under autocast, fp32 loss, backward, AdamW.
-    Returns the (device) loss; nothing is read back."""
+def train_step_fn(bench: DiTBench, batch: int, dtype: torch.dtype, device, *,
+                  optimizer: torch.optim.Optimizer | None = None) -> Callable[[], torch.Tensor]:
+    """One training step on fixed random inputs: forward under autocast, fp32 loss, backward, AdamW (fused on
+    CUDA, as the train stage uses it). Returns the (device) loss; nothing is read back."""
     x, inputs = bench.inputs(batch, device)
-    params = [p for p in bench.model.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
+    if optimizer is None:
+        params = [p for p in bench.model.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True if torch.device(device).type == "cuda" else None)
     autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
     t = torch.rand(batch, device=device)
 

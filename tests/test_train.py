@@ -87,10 +87,10 @@ def test_zero3_resume_continues_within_1e_5(zero2, zero3):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("zero", [2, 3])
-def test_compiled_blocks_give_the_eager_losses_for_5_steps(setup, zero2, zero3, zero):
+def test_compiled_blocks_give_the_eager_losses_for_5_steps(setup, request, zero):
     """--compile (regional torch.compile) under ZeRO-2 and under ZeRO-3's parameter hooks, with activation
     checkpointing on every block (the default), against the eager runs of the same seed."""
-    eager = trainkit.losses(zero2 if zero == 2 else zero3[0])
+    eager = trainkit.losses(request.getfixturevalue("zero2") if zero == 2 else request.getfixturevalue("zero3")[0])
     out = _run(setup, f"compiled-zero{zero}", zero, 5, "--checkpoint-every", "5", "--compile")
     compiled = trainkit.losses(out)
     assert sorted(compiled) == [1, 2, 3, 4, 5]

@@ -6,7 +6,9 @@ block (not of depth x block), and everything around the blocks stays eager:
 
 - activation checkpointing (`torch.utils.checkpoint` around a block, in `ContinuousTransformer.forward`) re-runs
   the compiled block on backward;
-- ZeRO-3's parameter hooks (DeepSpeed marks them `torch.compiler.disable`) run between compiled regions;
+- ZeRO-3's parameter hooks (DeepSpeed marks them `torch.compiler.disable`) run between compiled regions:
+  `pipeline.distributed.engine` makes each compiled block a ZeRO-3 leaf module, so one hook gathers the block's
+  parameters before it and none fires inside it (a hook inside would break the graph at every layer);
 - classifier-free guidance, CFG dropout and the conditioners are eager code, so a changed `cfg_dropout_prob`,
   `cfg_scale` or `cfg_interval` never recompiles.
 
@@ -37,6 +39,11 @@ run with demos sees training, CFG sampling and plain sampling shapes, in eager a
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks of every `ContinuousTransformer` in `model` (the DiT backbone's `transformer.layers`)."""
     return [block for m in model.modules() if isinstance(m, ContinuousTransformer) for block in m.layers]
+
+
+def compiled_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of `model` that `compile_blocks` compiled."""
+    return [block for block in transformer_blocks(model) if block._compiled_call_impl is not None]
 
 
 def compile_blocks(model: nn.Module, **options) -> int:
