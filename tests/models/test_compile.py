@@ -84,8 +84,16 @@ def test_a_compiled_cfg_3_call_matches_eager_within_1e_5(models):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
+def test_a_compiled_cfg_3_sampling_run_matches_eager_within_1e_5(models):
+    from pipeline.generate import generate
+
+    latents = [generate(model, [{"seconds": 10.0}, {"seconds": 200.0}], [0, 1], steps=3, length=T, cfg_scale=3.0,
+                        cfg_interval=(0.1, 0.9), decode=False).latents for model in models]
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=0)
+
+
 def _explain(fn, *args, **kwargs):
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # (the compiled fixture models above recompile if used after this)
     return torch._dynamo.explain(fn)(*args, **kwargs)
 
 
@@ -113,11 +121,3 @@ def test_a_cfg_3_call_with_a_cfg_interval_has_no_graph_break():
 def test_compile_on_a_backbone_without_transformer_blocks_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model.cantus.compile=true: the model has no continuous_transformer"):
         create_model_from_config(tiny_config(True, backbone="adp_cfg_1d"))
-
-
-def test_a_compiled_cfg_3_sampling_run_matches_eager_within_1e_5(models):
-    from pipeline.generate import generate
-
-    latents = [generate(model, [{"seconds": 10.0}, {"seconds": 200.0}], [0, 1], steps=3, length=T, cfg_scale=3.0,
-                        cfg_interval=(0.1, 0.9), decode=False).latents for model in models]
-    torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=0)
