@@ -17,6 +17,7 @@ passes as constructor arguments and would then refuse):
 | ``model.cantus.attention_masks`` | bool | false | honour padding and cross-attention masks (SAT drops them) |
 | ``model.cantus.checkpointing`` | bool or int | true | activation checkpointing: every block, none, or the first k |
 | ``model.cantus.attention_backend`` | str | "auto" | "auto" (flash-attn on CUDA when importable, else SDPA), "sdpa", "flash" |
+| ``model.cantus.compile`` | bool | false | ``torch.compile`` each transformer block of the backbone (regional; ``--compile`` in train) |
 | ``training.cantus.ema_beta`` | float | 0.9999 | EMA decay ceiling (SAT hard-codes 0.9999) |
 | ``training.cantus.ema_power`` | float | 0.75 | EMA warm-up power (SAT hard-codes 3/4) |
 | ``training.cantus.ema_interval`` | int | 1 | update the EMA every k optimizer steps |
@@ -263,6 +264,9 @@ class ModelCantus:
     """Activation checkpointing: True every block (SAT), False none, k the first k blocks."""
     attention_backend: str = "auto"
     """"auto", "sdpa" or "flash"."""
+    compile: bool = False
+    """``torch.compile`` each transformer block on its own (regional compilation, `pipeline.models.compile`).
+    The math is unchanged; the train stage's ``--compile`` turns it on without changing the config's hash."""
 
 
 @dataclass(**_frozen)
@@ -493,7 +497,8 @@ def _model_cantus(s: _Section | None) -> ModelCantus:
     else:
         raise ConfigError(f"{s.key('checkpointing')}: expected true, false or a block count >= 0, got {_show(ckpt)}")
     out = ModelCantus(attention_masks=s.bool("attention_masks"), checkpointing=ckpt,
-                      attention_backend=s.str("attention_backend", "auto", choices=("auto", "sdpa", "flash")))
+                      attention_backend=s.str("attention_backend", "auto", choices=("auto", "sdpa", "flash")),
+                      compile=s.bool("compile"))
     s.done()
     return out
 

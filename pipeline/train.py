@@ -4,7 +4,12 @@
         --data <latent manifest URL> --output URL [--max-steps N --batch-size B ...]
 
 Also under torchrun, srun, or as one plain process. A run whose output's ledger lists a checkpoint resumes
-from the newest one. Stopped by SIGTERM/SIGUSR1 before --max-steps, it saves and exits with code 75.
+from the newest one. Stopped by SIGTERM/SIGUSR1 before --max-steps, it saves at the next log step (within
+--log-every steps: the ranks agree on the flag only there) and exits with code 75.
+
+Between log steps the loop reads no value of a device tensor (no host sync of ours; see docs/architecture.md):
+the loss is summed on the device and read at log steps, noise and t are drawn on the CPU and copied without
+blocking.
 """
 from __future__ import annotations
 
@@ -65,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=None, help="data order and crops (default: --seed)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines; also how often the "
+                                                             "ranks check for a stop signal")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (as "
+                                                          "model.cantus.compile: true, without changing the config)")
     p.add_argument("--scratch-dir", default=None, help="local folder for staged checkpoints (default: "
                                                        "$TMPDIR/cantus-<output name>)")
     p.add_argument("--rendezvous-timeout", type=float, default=env.DEFAULT_RENDEZVOUS_TIMEOUT,
@@ -132,7 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without blocking the host: on CUDA the copy is queued from pinned memory (the
+    caching host allocator keeps that buffer until the copy has run)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
+    if args.compile:  # the config's hash (checked on resume) stays that of the file
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, cantus=dataclasses.replace(cfg.model.cantus, compile=True)))
     data, has_identity = read_data(args.data)
     scratch = scratch_dir(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
@@ -153,7 +172,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     load_pretrained(wrapper, pretrained, args.allow_partial,
                     report_url=storage.join(args.output, "pretrained_load.json") if denv.rank == 0 else None)
     optimizer, scheduler = create_optimizer_and_scheduler(
-        cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in wrapper.parameters() if p.requires_grad])
+        cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in wrapper.parameters() if p.requires_grad],
+        fused=device.type == "cuda")
     engine = ds_setup.build_engine(wrapper, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
     module = engine.module
     ema = None
@@ -237,9 +257,14 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                 return engine(x_t.to(model_dtype), t, cond, mask=mask, **extra).float()
         return model_fn
 
+    def new_window() -> dict:
+        # The loss sum stays on the device (float64: the same sum as Python floats) until a log step reads it.
+        return {"loss": torch.zeros((), dtype=torch.float64, device=device), "n": 0, "data_wait": 0.0,
+                "start": time.perf_counter()}
+
     try:
         batches = iter(loader)
-        window = {"loss": 0.0, "n": 0, "data_wait": 0.0, "start": time.perf_counter()}
+        window = new_window()
         while step < args.max_steps:
             # batch
             t0 = time.perf_counter()
@@ -250,8 +275,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             t = timesteps(x.shape[0], generator=generator)
             if shift is not None:
                 t = shift(t, x.shape[-1])
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            t = t.to(device)
+            noise = to_device(torch.randn(x.shape, generator=generator), device)  # CPU draws: exact resumes
+            t = to_device(t, device)
             mask = loss_fn.padding_mask_for_step(batch.padding_mask, generator)
             model_fn = model_fn_for(batch, cfg.training.cfg_dropout_prob, mask)
             out = objective.loss(model_fn, x, t, noise, loss_fn=loss_fn, padding_mask=mask)
@@ -259,7 +284,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             engine.backward(out.loss)
             engine.step()
-            window["loss"] += float(out.loss.detach())
+            window["loss"] += out.loss.detach()
             if not boundary:
                 continue
             step = engine.global_steps
@@ -267,12 +292,13 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             if ema is not None:
                 ema.update()
             window["n"] += 1
-            stopped = stop.should_stop(device)
-            # periodic work
-            if step % args.log_every == 0 or stopped or step == args.max_steps:
+            # periodic work; the stop flag is all-reduced (a host sync) at log steps only
+            log_step = step % args.log_every == 0 or step == args.max_steps
+            stopped = log_step and stop.should_stop(device)
+            if log_step:
                 elapsed = time.perf_counter() - window["start"]
                 micro = window["n"] * layout.accumulation
-                record = {"step": step, "loss": mean_over_ranks(window["loss"] / micro, device),
+                record = {"step": step, "loss": mean_over_ranks(float(window["loss"]) / micro, device),
                           **window_rates(engine, layout, window, elapsed, loader.epoch)}
                 if denv.rank == 0:
                     outputs.log_metrics(record)
@@ -281,7 +307,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                                 100 * record["data_wait"])
                     if wandb_run is not None:
                         wandb_run.log(record, step=step)
-                window = {"loss": 0.0, "n": 0, "data_wait": 0.0, "start": time.perf_counter()}
+                window = new_window()
             if val_dataset is not None and args.val_every and step % args.val_every == 0:
                 val_loader = LatentLoader(val_dataset, rank=denv.rank, world_size=denv.world_size,
                                           batch_size=layout.micro_batch, seed=data_seed, num_workers=0)

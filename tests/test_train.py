@@ -87,6 +87,19 @@ def test_zero3_resume_continues_within_1e_5(zero2, zero3):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("zero", [2, 3])
+def test_compiled_blocks_give_the_eager_losses_for_5_steps(setup, request, zero):
+    """--compile (regional torch.compile) under ZeRO-2 and under ZeRO-3's parameter hooks, with activation
+    checkpointing on every block (the default), against the eager runs of the same seed."""
+    eager = trainkit.losses(request.getfixturevalue("zero2") if zero == 2 else request.getfixturevalue("zero3")[0])
+    out = _run(setup, f"compiled-zero{zero}", zero, 5, "--checkpoint-every", "5", "--compile")
+    compiled = trainkit.losses(out)
+    assert sorted(compiled) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-5)
+
+
+@pytest.mark.distributed
 def test_ema_exports_agree_across_zero_stages_and_load_into_the_sat_layout(setup, zero0, zero2, zero3):
     from pipeline.config import load_model_config
     from pipeline.models.factory import create_model_from_config

@@ -10,6 +10,11 @@ module never imports DeepSpeed (model code must not); asked for them without a l
 Schedulers are ``InverseLR`` or any ``torch.optim.lr_scheduler`` class, stepped once per optimizer
 step. Without ``optimizer_configs``, ``training.learning_rate`` gives SAT's fallback: Adam at that
 constant rate. With both, ``optimizer_configs`` wins and a warning says so (as in SAT).
+
+``fused=True`` (the train stage passes it on CUDA) gives torch's ``Adam``/``AdamW`` their fused kernel (one
+launch for all parameters instead of a few per tensor; the same update up to rounding) unless the block's
+``config`` sets ``fused`` or ``foreach`` itself. Torch's fused AdamW was chosen over DeepSpeed's ``FusedAdam``
+without a GPU measurement (bench/gpu_suite.py times a step with it); ``FusedAdam`` stays available by name.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_OPTIMIZERS = ("FusedAdam", "DeepSpeedCPUAdam")
+FUSED_OPTIMIZERS = ("Adam", "AdamW")
+"""torch.optim classes that take ``fused=True``."""
 
 
 class InverseLR(torch.optim.lr_scheduler.LRScheduler):
@@ -74,8 +81,8 @@ def _block(block: Any, key: str) -> tuple[str, dict]:
 
 
 def create_optimizer(block: dict, params: Iterable[torch.Tensor] | Iterable[dict], key: str,
-                     extra_optimizers: Mapping[str, type] | None = None) -> torch.optim.Optimizer:
-    """An optimizer from one ``{"type", "config"}`` block at config path ``key``."""
+                     extra_optimizers: Mapping[str, type] | None = None, fused: bool = False) -> torch.optim.Optimizer:
+    """An optimizer from one ``{"type", "config"}`` block at config path ``key`` (``fused``: module docstring)."""
     name, config = _block(block, key)
     extra = dict(extra_optimizers or {})
     if name in extra:
@@ -90,6 +97,8 @@ def create_optimizer(block: dict, params: Iterable[torch.Tensor] | Iterable[dict
                            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
             raise ValueError(f"{key}.type={name!r} is not a torch.optim optimizer; expected one of {known + sorted(extra)}")
     _check_kwargs(cls, config, key, skip=1)
+    if fused and name not in extra and name in FUSED_OPTIMIZERS and not {"fused", "foreach"} & set(config):
+        config = {**config, "fused": True}
     return cls(params, **config)
 
 
@@ -108,16 +117,17 @@ def create_scheduler(block: dict, optimizer: torch.optim.Optimizer, key: str) ->
 
 def create_optimizer_and_scheduler(
         optimizer_configs: dict | None, learning_rate: float | None, params: Iterable[torch.Tensor],
-        group: str = "diffusion", extra_optimizers: Mapping[str, type] | None = None,
+        group: str = "diffusion", extra_optimizers: Mapping[str, type] | None = None, fused: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The optimizer (and scheduler, if configured) of ``training.optimizer_configs.<group>``.
 
-    ``group`` is ``diffusion`` for diffusion models (``autoencoder``/``discriminator`` for autoencoders).
+    ``group`` is ``diffusion`` for diffusion models (``autoencoder``/``discriminator`` for autoencoders);
+    ``fused``: use torch's fused Adam/AdamW kernel (module docstring).
     """
     if optimizer_configs is None:
         if learning_rate is None:
             raise ValueError("training: set either learning_rate or optimizer_configs")
-        return torch.optim.Adam(params, lr=learning_rate), None
+        return torch.optim.Adam(params, lr=learning_rate, fused=fused or None), None
     if learning_rate is not None:
         logger.warning("training.learning_rate=%s is ignored: training.optimizer_configs is set (as in SAT)",
                        learning_rate)
@@ -129,7 +139,7 @@ def create_optimizer_and_scheduler(
     unknown = sorted(set(section) - {"optimizer", "scheduler"})
     if unknown:
         raise ValueError(f"{key}: unknown keys {unknown}; expected 'optimizer' and 'scheduler'")
-    optimizer = create_optimizer(section["optimizer"], params, f"{key}.optimizer", extra_optimizers)
+    optimizer = create_optimizer(section["optimizer"], params, f"{key}.optimizer", extra_optimizers, fused=fused)
     scheduler = None
     if "scheduler" in section:
         scheduler = create_scheduler(section["scheduler"], optimizer, f"{key}.scheduler")

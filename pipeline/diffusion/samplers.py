@@ -41,6 +41,10 @@ generators (one per item, so an item's sample does not depend on its batch). k-d
 noise from a Brownian tree (torchsde); independent Gaussian increments have the same distribution.
 ``callback`` receives k-diffusion's dict (``x``, ``i``, ``sigma``/``t``, ``denoised``) every step;
 ``disable=False`` shows a tqdm bar.
+
+Schedules stay on the CPU whatever the device of ``x``: their 0-d levels enter device arithmetic as scalars,
+and the loops' decisions (``sigma_next == 0``, a finite logSNR) read CPU values, so a sampling step reads
+nothing back from the GPU (the network's ``t`` is built on the device from the level).
 """
 from __future__ import annotations
 
@@ -157,7 +161,7 @@ def _karras_setup(model_fn, noise, steps, sigma_min, sigma_max, rho, sigma_sched
         sigmas = SIGMA_SCHEDULES[kind](steps, 0.01 if sigma_min is None else sigma_min,
                                        100.0 if sigma_max is None else sigma_max,
                                        dtype=_schedule_dtype(noise), **options)
-    sigmas = sigmas.to(noise.device)
+    sigmas = sigmas.cpu()  # levels stay on the CPU: the loop's `if` on them reads no device value (no sync)
     x = noise * sigmas[0].to(noise.dtype)
     if init is not None:
         x = init + x
@@ -278,7 +282,7 @@ def sample_dpmpp_3m_sde(model_fn: ModelFn, noise: torch.Tensor, steps: int, *, s
 
 def _rf_setup(noise, steps, sigma_max, schedule, init, init_noise_level, dist_shift):
     t_max = _t_start(sigma_max, init_noise_level, init)
-    t = _t_schedule(schedule, steps, t_max, dist_shift, noise, rf_logsnr_timesteps).to(noise.device)
+    t = _t_schedule(schedule, steps, t_max, dist_shift, noise, rf_logsnr_timesteps).cpu()  # as _karras_setup
     x = noise if init is None else init * (1 - t[0]).to(noise.dtype) + noise * t[0].to(noise.dtype)
     return t, x
 

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.models.compile import compiled_blocks
+
 logger = logging.getLogger(__name__)
 
 _AUTO = "auto"
@@ -123,6 +125,13 @@ def build_engine(module: torch.nn.Module, ds_config: dict, *,
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter")
+    if zero_stage(ds_config) == 3:
+        from deepspeed.utils.z3_leaf_module import set_z3_leaf_module
+
+        # A compiled block is one ZeRO-3 "leaf": its parameters are gathered by one hook before the block,
+        # not by hooks on each Linear inside it, which would break the compiled graph at every layer.
+        for block in compiled_blocks(module):
+            set_z3_leaf_module(block, True)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=lr_scheduler, config=ds_config)
     return engine

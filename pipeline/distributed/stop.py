@@ -2,9 +2,11 @@
 and so does `request_stop()` (the lease heartbeat, from its thread).
 
 A signal reaches ranks at different times (or only one rank), so the handler only sets a flag; the
-training loop calls `should_stop()` once per step, which all-reduces the flag (MAX) so every rank
-leaves the loop at the same step and saves the same checkpoint together, unless a request said not to
-save (`may_save`: the output now belongs to another trainer).
+training loop calls `should_stop()` at the same steps on every rank, which all-reduces the flag (MAX) so
+every rank leaves the loop at the same step and saves the same checkpoint together (unless a request said
+not to save: `may_save`, the output now belongs to another trainer). Reading the reduced flag is a host
+sync, so the diffusion loop asks at log steps only (every `--log-every` steps): a signal takes effect at
+most that many steps late, which SLURM's `--signal=USR1@<seconds>` grace must cover.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class IntConditioner(Conditioner):
         self.int_embedder = nn.Embedding(max_val - min_val + 1, output_dim)
 
     def forward(self, ints: list, device=None) -> list[torch.Tensor]:
-        values = torch.tensor(ints).to(device).clamp(self.min_val, self.max_val)
+        values = torch.tensor(ints).clamp(self.min_val, self.max_val)  # checked on the CPU: no device sync
         # SAT indexes the table with the clamped raw value, not value - min_val. We keep that indexing
         # so SAT checkpoints give SAT's embeddings, but name the problem instead of an IndexError.
         rows = self.int_embedder.num_embeddings
@@ -57,7 +57,7 @@ class IntConditioner(Conditioner):
                 f"{values[bad].tolist()}: SAT indexes its {rows}-row table with the raw clamped value, so "
                 f"only values in [max(0, min_val), max_val - min_val] = [{max(0, self.min_val)}, {rows - 1}] work; "
                 f"use min_val 0 in the config")
-        embeds = self.int_embedder(values).unsqueeze(1)  # (B, 1, C)
+        embeds = self.int_embedder(values.to(device)).unsqueeze(1)  # (B, 1, C)
         return [embeds, torch.ones(embeds.shape[0], 1, device=device)]
 
 

@@ -213,10 +213,7 @@ class DiffusionTransformer(nn.Module):
             cross_attn_cond = _drop_rows(cross_attn_cond, cfg_dropout_prob)
             prepend_cond = _drop_rows(prepend_cond, cfg_dropout_prob)
 
-        # The noise level that decides whether t is inside the CFG interval (SAT looks at row 0).
-        sigma = torch.sin(t * math.pi / 2) if self.diffusion_objective == "v" else t
-        guided = (cfg_scale != 1.0 and (cross_attn_cond is not None or prepend_cond is not None)
-                  and cfg_interval[0] <= sigma[0] <= cfg_interval[1])
+        guided = cfg_scale != 1.0 and (cross_attn_cond is not None or prepend_cond is not None)
         if not guided:
             return self._forward(x, t, mask=mask, cross_attn_cond=cross_attn_cond,
                                  cross_attn_cond_mask=cross_attn_cond_mask, input_concat_cond=input_concat_cond,
@@ -251,12 +248,19 @@ class DiffusionTransformer(nn.Module):
             prepend_cond=batch_prepend, prepend_cond_mask=batch_prepend_mask)
         cond_output, uncond_output = batch_output.chunk(2, dim=0)
         cfg_output = uncond_output + (cond_output - uncond_output) * cfg_scale
-        if scale_phi == 0.0:
+        if scale_phi != 0.0:
+            # CFG rescale (Lin et al. 2023, "Common diffusion noise schedules are flawed"): match the
+            # guided output's std over channels to the conditioned one, mixed by scale_phi.
+            ratio = cond_output.std(dim=1, keepdim=True) / cfg_output.std(dim=1, keepdim=True)
+            cfg_output = scale_phi * (cfg_output * ratio) + (1 - scale_phi) * cfg_output
+        if cfg_interval[0] <= 0.0 and cfg_interval[1] >= 1.0:  # every noise level is inside (SAT's default)
             return cfg_output
-        # CFG rescale (Lin et al. 2023, "Common diffusion noise schedules are flawed"): match the
-        # guided output's std over channels to the conditioned one, mixed by scale_phi.
-        ratio = cond_output.std(dim=1, keepdim=True) / cfg_output.std(dim=1, keepdim=True)
-        return scale_phi * (cfg_output * ratio) + (1 - scale_phi) * cfg_output
+        # Outside the CFG interval SAT returns the conditioned output; it decides on row 0's noise level.
+        # Selected on the device (torch.where), not with an `if` on a tensor: no host sync per call and no
+        # graph break. The unconditioned rows are computed even outside the interval (SAT skips them).
+        sigma = torch.sin(t[0] * math.pi / 2) if self.diffusion_objective == "v" else t[0]
+        inside = (sigma >= cfg_interval[0]) & (sigma <= cfg_interval[1])
+        return torch.where(inside, cfg_output, cond_output)
 
 
 def _drop_rows(cond: torch.Tensor | None, prob: float) -> torch.Tensor | None:

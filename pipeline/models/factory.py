@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_mode
 from pipeline.models.conditioners import check_kwargs, create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
                                                DiTUncondWrapper, DiTWrapper)
+from pipeline.models.compile import compile_blocks
 from pipeline.models.dance_unet import build_dau_cond, build_dau_uncond
 from pipeline.models.dit import DiffusionTransformer
 from pipeline.models.unet1d import build_adp_1d_cond, build_adp_1d_uncond, build_adp_cfg_1d
@@ -129,4 +130,10 @@ def create_model_from_config(config: "ModelConfig | dict | str") -> nn.Module:
     cfg = load_model_config(config)
     if cfg.model_type not in MODEL_TYPES:
         raise ConfigError(f"model_type={cfg.model_type!r} is not supported; supported: {sorted(MODEL_TYPES)}")
-    return MODEL_TYPES[cfg.model_type](cfg)
+    model = MODEL_TYPES[cfg.model_type](cfg)
+    if cfg.model.cantus.compile:  # from outside the model, as torchtitan applies it
+        try:
+            compile_blocks(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return model

@@ -98,3 +98,26 @@ def test_invalid_optimizer_configs_are_errors_naming_the_key(configs, message):
 def test_inverse_lr_rejects_warmup_of_one():
     with pytest.raises(ValueError, match="warmup=1.0"):
         InverseLR(torch.optim.SGD(_param(), lr=0.1), warmup=1.0)
+
+
+def test_fused_asks_torch_for_its_fused_adamw_unless_the_config_chooses():
+    """The train stage passes fused=True on CUDA; torch's fused kernel also runs on the CPU, so the update can be
+    checked here against the default (foreach) one."""
+    adamw = {"diffusion": {"optimizer": {"type": "AdamW", "config": {"lr": 1e-2, "weight_decay": 0.1}}}}
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64))
+        optimizer, _ = create_optimizer_and_scheduler(adamw, None, [p], fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for _ in range(3):
+            p.grad = torch.sin(torch.arange(64.0) + p.detach())
+            optimizer.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=1e-6)
+    assert not torch.equal(results[0], torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    chosen = {"diffusion": {"optimizer": {"type": "AdamW", "config": {"lr": 1e-2, "foreach": False}}}}
+    assert create_optimizer_and_scheduler(chosen, None, _param(), fused=True)[0].defaults["fused"] is None
+    sgd = {"diffusion": {"optimizer": {"type": "SGD", "config": {"lr": 1e-2}}}}
+    assert not create_optimizer_and_scheduler(sgd, None, _param(), fused=True)[0].defaults.get("fused")
+    assert create_optimizer_and_scheduler(None, 1e-3, _param(), fused=True)[0].defaults["fused"] is True

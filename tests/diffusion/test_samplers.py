@@ -249,3 +249,13 @@ def test_v_denoiser_is_the_v_objectives_data_estimate_in_variance_exploding_unit
     denoised = v_denoiser(model_fn)(x_t / torch.cos(t * math.pi / 2)[:, None, None], sigma)
     assert torch.allclose(seen["t"], t) and torch.allclose(seen["x"], x_t)
     assert torch.allclose(denoised, create_objective("v").denoised_from_output(x_t, t, v), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_sampling_loop_reads_no_value_of_the_device_tensors(name):
+    """On the meta device every read of a tensor's value fails: the loop decides on CPU levels only, so on a
+    GPU it never waits for the device (the network's t is built from the level on the device)."""
+    noise = torch.randn(2, 3, 8).to("meta")
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = SAMPLERS[name](lambda x, t: torch.zeros_like(x), noise, 4, generator=generators)
+    assert out.device.type == "meta" and out.shape == noise.shape

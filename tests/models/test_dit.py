@@ -151,8 +151,10 @@ def test_cfg_is_uncond_plus_scale_times_difference_in_one_batch():
 def test_cfg_interval_skips_guidance_outside_it():
     model = build()
     cond = conditioning(model)
-    # v objective: sigma = sin(t pi / 2); t[0] = 0.3 -> sigma 0.45, outside [0.5, 1]
-    assert torch.equal(model(X, TS, cond, cfg_scale=4.0, cfg_interval=(0.5, 1.0)), model(X, TS, cond))
+    # v objective: sigma = sin(t pi / 2); t[0] = 0.3 -> sigma 0.45, outside [0.5, 1]. The conditioned rows come
+    # from the batched CFG pass (selected on the device, no host sync), so they equal a plain pass up to rounding.
+    torch.testing.assert_close(model(X, TS, cond, cfg_scale=4.0, cfg_interval=(0.5, 1.0)), model(X, TS, cond),
+                               atol=1e-5, rtol=0)
     assert not torch.allclose(model(X, TS, cond, cfg_scale=4.0, cfg_interval=(0.4, 1.0)), model(X, TS, cond))
 
 
