@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from pipeline import manifest, storage
 from pipeline.config import ModelConfig
+from pipeline.data.posterior import sample_latents
 from pipeline.distributed.checkpoint import full_fp32_state_dict
 from pipeline.distributed.engine import BatchLayout, zero_stage
 from pipeline.models.factory import create_model_from_config
@@ -208,7 +209,7 @@ def validation_losses(loader, model_fn_for, objective, loss_fn, *, module: torch
             batches = iter(loader)
             for _ in range(loader.batches_per_epoch):
                 batch = next(batches).to(device)
-                x = batch.latents
+                x = sample_latents(batch)
                 model_fn = model_fn_for(batch)
                 for i, value in enumerate(VALIDATION_T):
                     noise = torch.randn(x.shape, generator=generator).to(device)

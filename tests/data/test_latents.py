@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline import manifest
-from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef, crop
+from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef, collate, crop, shard_refs
+from pipeline.data.posterior import sample_latents
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
 import trainkit  # noqa: E402
@@ -15,7 +16,7 @@ import trainkit  # noqa: E402
 
 def _dataset(url, tmp_path, frames=8, scale=1.0, seed=0):
     m = manifest.read_manifest(url)
-    refs = [ShardRef(o["url"], o["samples"]) for o in m.outputs]
+    refs = shard_refs(m.outputs)
     spec = CropSpec(frames=frames, samples_per_frame=4, sample_rate=16, scale=scale)
     return ShardDataset(refs, spec, seed=seed, cache_dir=str(tmp_path / "cache"))
 
@@ -50,7 +51,7 @@ def test_resume_continues_with_the_same_batches(tmp_path):
     rest = list(itertools.islice(iter(resumed), 3))
     assert _keys(rest) == _keys(ref[4:])
     for a, b in zip(rest, ref[4:]):
-        assert torch.equal(a.latents, b.latents) and torch.equal(a.padding_mask, b.padding_mask)
+        assert torch.equal(sample_latents(a), sample_latents(b)) and torch.equal(a.padding_mask, b.padding_mask)
 
 
 def test_load_refuses_a_changed_world_size(tmp_path):
@@ -64,7 +65,7 @@ def test_load_refuses_a_changed_world_size(tmp_path):
 def test_a_fresh_latent_is_drawn_each_epoch_and_scaled(tmp_path):
     url = trainkit.write_latent_shards(str(tmp_path / "lat"), shards=1, per_shard=2, frames=8)
     ds = _dataset(url, tmp_path, scale=2.0)
-    a, b, c = ds[(0, 1)][0], ds[(0, 1)][0], ds[(1, 1)][0]
+    a, b, c = (sample_latents(collate([ds[(epoch, 1, 0)]]))[0] for epoch in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     from pipeline.data.latents import _TarIndex
     from safetensors.torch import load
@@ -93,7 +94,7 @@ def test_shards_on_s3_are_read(store_url, tmp_path):
     url = trainkit.write_latent_shards(store_url, shards=2, per_shard=3)
     ds = _dataset(url, tmp_path)
     batches = list(itertools.islice(iter(LatentLoader(ds, rank=0, world_size=1, batch_size=3, seed=0)), 2))
-    assert batches[0].latents.shape == (3, 4, 8) and len(set(_keys(batches))) == 6
+    assert sample_latents(batches[0]).shape == (3, 4, 8) and len(set(_keys(batches))) == 6
 
 
 def test_sat_pre_encoded_folders_are_read_with_their_padding_masks(tmp_path):
@@ -111,6 +112,7 @@ def test_sat_pre_encoded_folders_are_read_with_their_padding_masks(tmp_path):
     assert count_npy(str(tmp_path / "pre")) == 3
     spec = CropSpec(frames=8, samples_per_frame=4, sample_rate=16, scale=2.0)
     ds = ShardDataset([ShardRef(str(tmp_path / "pre"), 3)], spec, seed=0, cache_dir=str(tmp_path / "c"))
-    x, mask, meta = ds[(0, 2)]
+    item = ds[(0, 2, 0)]
+    x, mask, meta = item.x, item.mask, item.meta
     assert x.shape == (4, 8) and (x == 1.0).all()  # 2 / scale 2; frames past the data stay as encoded, masked
     assert mask.tolist() == [True] * 6 + [False] * 2 and "padding_mask" not in meta and meta["__key__"] == "0__002"
