@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 2
 STREAM_CROP, STREAM_NOISE = 1, 2
 """A sample's random streams: seeds are derived_seed(seed, epoch, g, stream)."""
-PREFETCH_SLACK_STEPS = 8
-"""Node steps a shard is counted live before its first use when checking --cache-gb: prefetch, loader workers
-running ahead, and ranks a step or two apart."""
+def slack_steps(num_workers: int) -> int:
+    """Node steps a shard counts as live before its first use when checking --cache-gb: loader workers run up
+    to 2 batches each ahead of their rank (torch's prefetch_factor), and ranks are a step or two apart."""
+    return 2 + 2 * num_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -211,11 +212,16 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _index(self, epoch: int, s: int, step: int) -> "_TarIndex | _NpyDirIndex":
         """Opened on first use in each process (each loader worker has its own copy of the dataset)."""
-        key = (epoch, s) if self.remote else (0, s)
+        key = (epoch, s)
         if key not in self._indices:
             ref = self.shards[s]
-            for old in [k for k in self._indices if self.remote and (k[0], self.layout.plan(k[0]).last_step[k[1]]) < (epoch, step)]:
-                del self._indices[old]
+            marker = os.path.join(self.node_dir, f"rejected-e{epoch}-{s:06d}.json")
+            if os.path.exists(marker):  # known bad this epoch: do not fetch or hash it again
+                with open(marker) as f:
+                    raise ShardRejected(json.load(f))
+            if self.layout is not None:  # forget the shards this process is done with
+                for old in [k for k in self._indices if (k[0], self.layout.plan(k[0]).last_step[k[1]]) < (epoch, step)]:
+                    del self._indices[old]
             if self.remote and self.source is None:
                 raise RuntimeError("ShardDataset.bind() comes before reading S3 shards (LatentLoader does it)")
             if os.path.isdir(ref.url):
@@ -411,7 +417,7 @@ class LatentLoader:
         if epoch in self._checked or not self.dataset.remote or not budget:
             return
         sizes = [s.bytes for s in self.dataset.shards]
-        need = self.layout.plan(epoch).live_bytes_high_water(sizes, PREFETCH_SLACK_STEPS)
+        need = self.layout.plan(epoch).live_bytes_high_water(sizes, slack_steps(self.num_workers))
         if need > budget:
             raise ValueError(f"--cache-gb {budget / 1e9:.3g} cannot hold the shards this node needs at once in "
                              f"epoch {epoch} ({need / 1e9:.3g} GB with block_shards={self.knobs.block_shards}): "

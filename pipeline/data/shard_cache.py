@@ -161,14 +161,29 @@ class NodeCache:
         return out
 
     def _sweep(self) -> dict[tuple[int, int], str]:
-        """Evict what every rank is done with; return what stays."""
+        """Evict what every rank is done with, and copies this node's plan does not hold (another run's);
+        return what stays."""
         progress = self._min_progress()
         entries = self._entries()
         for (epoch, s), state in list(entries.items()):
-            if state == "present" and (epoch, self.schedule.last_step(epoch, s)) < progress:
+            last = self.schedule.plan_for(epoch).last_step.get(s)
+            if state == "present" and (last is None or (epoch, last) < progress):
                 os.unlink(self.name(epoch, s))
                 del entries[(epoch, s)]
         return entries
+
+    def _make_room(self, entries: dict[tuple[int, int], str], before: tuple[int, int], need: int, used: int) -> int:
+        """Claims go in first-use order, so a copy needed later than the shard we must fetch can only be left
+        over from an earlier run that had run ahead (a resume): evict such copies, latest first, until `need`
+        bytes fit. Returns the new usage."""
+        later = sorted(((e, self.schedule.plan_for(e).first_step[s]), e, s) for (e, s), state in entries.items()
+                       if state == "present" and (e, self.schedule.plan_for(e).first_step[s]) > before)
+        while later and used + need > self.budget:
+            _, e, s = later.pop()
+            os.unlink(self.name(e, s))
+            del entries[(e, s)]
+            used -= self.shards[s].bytes
+        return used
 
     def usage(self) -> int:
         """Bytes present or reserved (the budget's measure)."""
@@ -202,7 +217,9 @@ class NodeCache:
                     if held:
                         continue
                     if self.budget is not None and used + self.shards[s].bytes > self.budget:
-                        return None
+                        used = self._make_room(entries, (epoch, first), self.shards[s].bytes, used)
+                        if used + self.shards[s].bytes > self.budget:
+                            return None
                     with open(self.name(epoch, s) + ".reserve", "w") as f:
                         json.dump({"pid": os.getpid(), "bytes": self.shards[s].bytes}, f)
                     return epoch, s
