@@ -88,10 +88,11 @@ class Batch:
 @dataclasses.dataclass(slots=True)
 class Item:
     x: torch.Tensor
-    """(C, T) latents/audio, or (2C, T) mean stacked over std when `posterior`."""
+    """(C, T) latents or audio, or the posterior mean as stored."""
+    std: torch.Tensor | None
+    """(C, T) the posterior std as stored; None for single latents and audio."""
     mask: torch.Tensor
     meta: dict
-    posterior: bool
     noise_seed: int
     scale: float
 
@@ -261,10 +262,12 @@ class ShardDataset(torch.utils.data.Dataset):
             self._reject(e, epoch, s)
             return REJECTED
         meta = _sample_json(members, ref.url, key)
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, g, STREAM_CROP))
-        posterior = False
+        crop_seed = derived_seed(self.seed, epoch, g, STREAM_CROP)
+        generator = torch.Generator().manual_seed(crop_seed)
+        posterior, std = False, None
         if "latents.safetensors" in members:
-            x, valid, posterior = self._latents(members["latents.safetensors"], meta, ref.url, key)
+            x, std, valid = self._latents(members["latents.safetensors"], meta, ref.url, key)
+            posterior = std is not None
         elif "npy" in members:  # SAT pre_encoded: one latent, already sampled; its padding mask in the JSON
             x = torch.from_numpy(np.load(io.BytesIO(members["npy"]), allow_pickle=False)).float() / self.spec.scale
             valid = int(sum(meta["padding_mask"])) if "padding_mask" in meta else x.shape[-1]
@@ -274,21 +277,23 @@ class ShardDataset(torch.utils.data.Dataset):
         else:
             raise ValueError(f"{ref.url}: sample {key} has neither .latents.safetensors nor .flac (has {sorted(members)})")
         x, mask, meta = crop(x, valid, meta, self.spec, generator)
+        if posterior:  # the same crop (the same seed draws the same offset)
+            std = crop(std, valid, meta, self.spec, torch.Generator().manual_seed(crop_seed))[0]
         meta["__key__"], meta["__url__"] = key, ref.url
-        return Item(x, mask, meta, posterior, derived_seed(self.seed, epoch, g, STREAM_NOISE), self.spec.scale)
+        return Item(x, std, mask, meta, derived_seed(self.seed, epoch, g, STREAM_NOISE), self.spec.scale)
 
-    def _latents(self, data: bytes, meta: dict, url: str, key: str) -> tuple[torch.Tensor, int, bool]:
-        """A VAE posterior ships as mean stacked over std, as stored (the noise is drawn on the model's device);
-        one `latents` tensor is scaled here."""
+    def _latents(self, data: bytes, meta: dict, url: str, key: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(x, std, valid frames): a VAE posterior ships mean and std as stored (the noise is drawn on the
+        model's device); one `latents` tensor is scaled here and has no std."""
         tensors = load_safetensors(data)
         if "mean" in tensors and "std" in tensors and tensors["mean"].shape == tensors["std"].shape:
-            x, posterior = torch.cat([tensors["mean"], tensors["std"]]), True
+            x, std = tensors["mean"], tensors["std"]
         elif "latents" in tensors:
-            x, posterior = tensors["latents"].float() / self.spec.scale, False
+            x, std = tensors["latents"].float() / self.spec.scale, None
         else:
             raise ValueError(f"{url}: sample {key}.latents.safetensors holds {sorted(tensors)}, expected mean+std "
                              f"of one shape or latents")
-        return x, int(meta.get("valid_frames", x.shape[-1])), posterior
+        return x, std, int(meta.get("valid_frames", x.shape[-1]))
 
     def _audio(self, data: bytes, url: str, key: str) -> tuple[torch.Tensor, int]:
         from pipeline.data.audio import decode
@@ -326,14 +331,13 @@ def collate(items: list[Item | None]) -> Batch:
     if not good:
         raise ValueError("every sample of a batch comes from rejected shards (see the node's rejects.jsonl)")
     items = [i if i is not None else good[n % len(good)] for n, i in enumerate(items)]
-    if len({i.posterior for i in items}) > 1:
+    if len({i.std is None for i in items}) > 1:
         raise ValueError("a batch mixes VAE posteriors (mean+std) and single latents: one manifest holds one kind")
     x, mask, meta = torch.stack([i.x for i in items]), torch.stack([i.mask for i in items]), [i.meta for i in items]
-    if not items[0].posterior:
+    if items[0].std is None:
         return Batch(x, mask, meta)
-    c = x.shape[1] // 2
-    return Batch(None, mask, meta, mean=x[:, :c], std=x[:, c:], noise_seeds=[i.noise_seed for i in items],
-                 scale=items[0].scale)
+    return Batch(None, mask, meta, mean=x, std=torch.stack([i.std for i in items]),
+                 noise_seeds=[i.noise_seed for i in items], scale=items[0].scale)
 
 
 def shard_refs(outputs) -> list[ShardRef]:
