@@ -1,7 +1,7 @@
 """Benchmark the train loader: (a) the epoch plan of a simulated cluster job, (b) samples/s from S3.
 
     python bench/loader.py                 # both parts (b: ~1-2 minutes on 2 busy cores)
-    python bench/loader.py --skip-s3       # (a) only, a few seconds
+    python bench/loader.py --skip-s3       # (a) and (c), under a minute
     python bench/loader.py --shards 16 --samples 32 --frames 1024
 
 (a) For 1,000 shards x 1,000 samples on 8 nodes x 8 ranks at micro batch 4 (SAO-size posteriors: 64 x 1024
@@ -14,6 +14,8 @@ shard's manifest index), next to the global-permutation plan this loader replace
 as mean+std shards and as single-tensor shards, and reads one epoch with our loader (node cache, and
 --cache-gb 0) against plain webdataset streaming the same tars from the same server (url list split by
 worker, tar expander, group by key, the same decode and crop), with 0 and 2 workers.
+
+(c) Our loader on local copies of the same mean+std and single-tensor shards, side by side.
 """
 from __future__ import annotations
 
@@ -232,6 +234,24 @@ def s3_throughput(args) -> None:
             s3server.stop(server.pid)
 
 
+def local_formats(args) -> None:
+    """Issue 18's goal: with the draw moved to the device, mean+std shards (twice the bytes) load at >= 0.9x
+    the rate of single-tensor shards. Local files, so storage bandwidth does not decide; interleaved runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(shards=args.shards, samples=args.samples, channels=args.channels, frames=args.frames)
+        urls = {"mean+std": _write_shards(os.path.join(tmp, "post"), posterior=True, **kw),
+                "single tensor": _write_shards(os.path.join(tmp, "single"), posterior=False, **kw)}
+        rates: dict[str, list[float]] = {k: [] for k in urls}
+        for _ in range(args.repeats):
+            for kind, url in urls.items():
+                rates[kind].append(_ours(url, workers=0, batch=args.batch, frames=args.frames,
+                                         cache=tempfile.mkdtemp(dir=tmp), cache_bytes=None, draw=False)[0])
+        best = {k: max(v) for k, v in rates.items()}
+        print(f"\n(c) local files, our loader, workers 0, best of {args.repeats} interleaved epochs: mean+std "
+              f"{best['mean+std']:.0f} samples/s, single tensor {best['single tensor']:.0f} samples/s, ratio "
+              f"{best['mean+std'] / best['single tensor']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sim-shards", type=int, default=1000)
@@ -244,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-shards", type=int, default=ShuffleKnobs().block_shards)
     p.add_argument("--window", type=int, default=ShuffleKnobs().window)
     p.add_argument("--cache-gb", type=float, default=8.0, help="the node cache bound to compare against")
-    p.add_argument("--skip-s3", action="store_true", help="only the simulation")
+    p.add_argument("--skip-s3", action="store_true", help="no S3 server (parts a and c)")
+    p.add_argument("--repeats", type=int, default=3, help="part c: interleaved epochs per format")
     p.add_argument("--shards", type=int, default=8, help="S3 part: shards")
     p.add_argument("--samples", type=int, default=48, help="S3 part: samples per shard")
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--frames", type=int, default=1024)
     args = p.parse_args(argv)
     simulate(args)
+    args.batch = 8
     if not args.skip_s3:
-        args.batch = 8
         s3_throughput(args)
+    local_formats(args)
     return 0
 
 
