@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -227,17 +228,25 @@ class NodeCache:
 
     def _download(self, epoch: int, s: int) -> None:
         final = self.name(epoch, s)
-        part = f"{final}.part-{os.getpid()}"
+        part = f"{final}.part-{os.getpid()}-{threading.get_ident()}"
+        rejected, complete = None, False
         try:
             with open(part, "wb") as f:
                 read_verified(self.shards[s], f.write)
-            os.replace(part, final)
+            complete = True
         except ShardRejected as e:
-            mark_rejected(self.folder, self.rejected_marker(epoch, s), e.record)
+            rejected = e.record
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
-            os.unlink(final + ".reserve")
+            # publishing and dropping the reservation under the lock: a claim that lists the folder in between
+            # would otherwise see neither and fetch the shard again
+            with self._locked():
+                if complete:
+                    os.replace(part, final)
+                elif rejected is not None:
+                    mark_rejected(self.folder, self.rejected_marker(epoch, s), rejected)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(part)
+                os.unlink(final + ".reserve")
 
     def prefetch_once(self, position: tuple[int, int], depth: int) -> bool:
         """Download the next shard the node will need, unless `depth` shards beyond `position` are held; True

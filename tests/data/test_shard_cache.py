@@ -112,11 +112,16 @@ def test_the_cache_stays_within_cache_gb_and_a_resume_reproduces_the_batches(s3_
 
     high, stop = [0], threading.Event()
 
+    def size(path):  # a copy may be renamed or evicted between the listing and the stat
+        try:
+            return os.path.getsize(path)
+        except FileNotFoundError:
+            return 0
+
     def watch():  # the bytes on disk, every millisecond: finished copies and downloads in flight
         while not stop.is_set():
             files = glob.glob(os.path.join(cache, "*", "e*-*.tar*"))
-            high[0] = max(high[0], sum(os.path.getsize(f) for f in files if os.path.exists(f) and
-                                       not f.endswith(".reserve")))
+            high[0] = max(high[0], sum(size(f) for f in files if not f.endswith(".reserve")))
             stop.wait(0.001)
 
     watcher = threading.Thread(target=watch)
