@@ -32,7 +32,8 @@ import torch.distributed as dist
 from pipeline import lease, manifest, storage
 from pipeline.cli import run_main
 from pipeline.config import ModelConfig, load_model_config
-from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef
+from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef, build_loader, shard_refs
+from pipeline.data.posterior import sample_latents
 from pipeline.diffusion.losses import DiffusionLoss
 from pipeline.diffusion.objectives import create_objective
 from pipeline.diffusion.optim import create_optimizer_and_scheduler
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train in total")
     p.add_argument("--batch-size", type=int, default=None, help="micro batch per rank (else the ds_config's)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    p.add_argument("--cache-gb", type=float, default=None, help="bound on each node's disk cache of S3 shards, shared "
+                   "by its ranks (default: the shards the plan needs at once plus the prefetch depth; 0: stream "
+                   "shards into memory, no disk)")
+    p.add_argument("--max-reject-fraction", type=float, default=0.05, help="fail when more of a node's shards than "
+                   "this fraction differ from their manifest entry (sha256, bytes, sample count)")
     p.add_argument("--seed", type=int, default=0, help="model randomness: rank r uses seed * world + r")
     p.add_argument("--data-seed", type=int, default=None, help="data order and crops (default: --seed)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
@@ -92,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def latent_shards(data: manifest.Manifest) -> list[ShardRef]:
-    return [ShardRef(o["url"], o["samples"]) for o in data.outputs]
+    return shard_refs(data.outputs)
 
 
 def read_data(url: str) -> tuple[manifest.Manifest, bool]:
@@ -192,9 +198,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                     scale=cfg.model.pretransform.scale if cfg.model.pretransform else 1.0)
     data_seed = args.seed if args.data_seed is None else args.data_seed
     os.makedirs(scratch, exist_ok=True)
-    dataset = ShardDataset(latent_shards(data), spec, seed=data_seed, cache_dir=os.path.join(scratch, "shards"))
-    loader = LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=layout.micro_batch,
-                          seed=data_seed, num_workers=args.num_workers)
+    loader = build_loader(latent_shards(data), spec, args, denv, seed=data_seed, batch_size=layout.micro_batch,
+                          cache_dir=os.path.join(scratch, "shards"))
 
     val_dataset = None
     if args.val_data is not None:
@@ -203,7 +208,8 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             raise ValueError(f"--val-data {args.val_data} and --data {args.data} differ in properties (pretransform "
                              f"identity, channels, ...): pre-encode both with the same VAE")
         val_dataset = ShardDataset(latent_shards(val), dataclasses.replace(spec, random_crop=False), seed=data_seed,
-                                   cache_dir=os.path.join(scratch, "shards"))
+                                   cache_dir=os.path.join(scratch, "shards-val"), cache_bytes=0,  # small: in memory
+                                   max_reject_fraction=args.max_reject_fraction)
         if len(val_dataset) < layout.micro_batch * denv.world_size:
             raise ValueError(f"--val-data {args.val_data}: {len(val_dataset)} samples, fewer than one batch per rank "
                              f"(--batch-size {layout.micro_batch} x world size {denv.world_size})")
@@ -270,7 +276,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             t0 = time.perf_counter()
             batch: Batch = next(batches).to(device)
             window["data_wait"] += time.perf_counter() - t0
-            x = batch.latents
+            x = sample_latents(batch)  # VAE posteriors: drawn here, on the device
             # loss
             t = timesteps(x.shape[0], generator=generator)
             if shift is not None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pipeline import manifest
 from pipeline.config import ModelConfig
-from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef
+from pipeline.data.latents import CropSpec, build_loader, shard_refs
 from pipeline.diffusion.optim import create_optimizer_and_scheduler
 from pipeline.distributed import checkpoint, env
 from pipeline.distributed import engine as ds_setup
@@ -109,10 +109,8 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
     os.makedirs(scratch, exist_ok=True)
     data_seed = args.seed if args.data_seed is None else args.data_seed
     spec = CropSpec(frames=cfg.sample_size, samples_per_frame=1, sample_rate=cfg.sample_rate)
-    dataset = ShardDataset([ShardRef(o["url"], o["samples"]) for o in data.outputs], spec, seed=data_seed,
-                           cache_dir=os.path.join(scratch, "shards"))
-    loader = LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=layout.micro_batch,
-                          seed=data_seed, num_workers=args.num_workers)
+    loader = build_loader(shard_refs(data.outputs), spec, args, denv, seed=data_seed, batch_size=layout.micro_batch,
+                          cache_dir=os.path.join(scratch, "shards"))
     outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
     drop_staged(outputs)  # what a save that failed half-way left
     header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},

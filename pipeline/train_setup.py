@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pipeline import lease, manifest, storage
 from pipeline.cli import EXIT_USER_ERROR
 from pipeline.config import ModelConfig
+from pipeline.data.posterior import sample_latents
 from pipeline.distributed import env
 from pipeline.distributed.stop import EXIT_STOPPED, request_stop
 from pipeline.distributed.checkpoint import full_fp32_state_dict
@@ -301,7 +302,7 @@ def validation_losses(loader, model_fn_for, objective, loss_fn, *, module: torch
             batches = iter(loader)
             for _ in range(loader.batches_per_epoch):
                 batch = next(batches).to(device)
-                x = batch.latents
+                x = sample_latents(batch)
                 model_fn = model_fn_for(batch)
                 for i, value in enumerate(VALIDATION_T):
                     noise = torch.randn(x.shape, generator=generator).to(device)

@@ -1,15 +1,17 @@
-"""The train loader: samples of latent (or audio) shards, in a seeded global order, split across ranks.
+"""The train loader: samples of latent (or audio) shards, each node reading its own shards once per epoch.
 
 Contract (ARCHITECTURE.md "Data loading"): every rank yields the same number of batches per epoch, even
 with one shard; within an epoch no sample is served twice; only the remainder that does not fill a global
 batch is left out; the position is part of the checkpoint and a resume continues the epoch.
 
-How: sample `g` of the job is the `i`-th sample of shard `s` in manifest order (the manifest gives each
-shard's sample count). Each epoch permutes all `g` with a generator seeded by (seed, epoch), keeps
-`floor(n / global_batch) * global_batch` of them, and gives rank `r` the items `r::world`; its batch `b`
-is items `[b * batch, (b + 1) * batch)` of that list. Samples are read by random access from shards cached
-locally. Everything random about a sample (the VAE noise, the crop) comes from a generator seeded by
-(seed, epoch, g), so a sample does not depend on worker, rank or resume.
+How: `epoch_plan.py` splits each epoch's shards across nodes and orders each node's samples (block shuffle
+plus a shuffle window); rank `j` of a node serves every `R`-th of them. `shard_cache.py` brings the shards:
+in place when local, through the node's bounded disk cache from S3 (prefetched ahead by background threads
+of each rank's main process, evicted once every rank of the node is past them), or into memory with
+`cache_bytes=0` (then each rank is its own group: nothing is shared). Sample `g` of the job is the `i`-th
+sample of shard `s` in manifest order. Everything random about a sample comes from seeds derived from
+(seed, epoch, g, stream): the crop here, the VAE noise on the model's device (`posterior.py`), so a sample
+does not depend on batch size, worker, rank count or resume.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 import tarfile
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -28,16 +31,21 @@ from safetensors.torch import load as load_safetensors
 
 from pipeline import storage
 from pipeline.data.workers import die_with_parent
+from pipeline.data.epoch_plan import PlanLayout, ShuffleKnobs, derived_seed
+from pipeline.data.shard_cache import (MemoryShards, NodeCache, Schedule, ShardRef, ShardRejected, mark_rejected,
+                                       reject_record, verify_local_once)
+
+__all__ = ["Batch", "CropSpec", "LatentLoader", "ShardDataset", "ShardRef", "ShuffleKnobs", "crop", "derived_seed"]
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShardRef:
-    url: str
-    samples: int
+STATE_VERSION = 2
+STREAM_CROP, STREAM_NOISE = 1, 2
+"""A sample's random streams: seeds are derived_seed(seed, epoch, g, stream)."""
+def slack_steps(num_workers: int) -> int:
+    """Node steps a shard counts as live before its first use when checking --cache-gb: loader workers run up
+    to 2 batches each ahead of their rank (torch's prefetch_factor), and ranks are a step or two apart."""
+    return 2 + 2 * num_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,28 +64,42 @@ class CropSpec:
 
 @dataclasses.dataclass(slots=True)
 class Batch:
-    latents: torch.Tensor
-    """(B, C, T) float32: scaled latents, or audio for an autoencoder."""
+    latents: torch.Tensor | None
+    """(B, C, T) float32: scaled latents, or audio for an autoencoder; None for VAE posteriors until
+    `posterior.sample_latents` draws them on the device."""
     padding_mask: torch.Tensor
     """(B, T) bool, True where a frame holds data."""
     metadata: list[dict]
     """Per sample: the shard JSON with `offset_seconds`/`seconds_start` moved by the crop, `__key__`, `__url__`."""
+    mean: torch.Tensor | None = None
+    """(B, C, T) VAE posterior means as stored (fp16 or fp32), unscaled, zero past the data."""
+    std: torch.Tensor | None = None
+    """(B, C, T) VAE posterior stds as stored, zero past the data."""
+    noise_seeds: list[int] | None = None
+    """Per sample: the seed of its posterior noise (derived_seed(seed, epoch, g, STREAM_NOISE))."""
+    scale: float = 1.0
+    """The drawn latents are divided by this."""
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.latents.to(device, non_blocking=True), self.padding_mask.to(device, non_blocking=True),
-                     self.metadata)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.latents), move(self.padding_mask), self.metadata, move(self.mean), move(self.std),
+                     self.noise_seeds, self.scale)
 
 
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from non-negative integers (numpy's SeedSequence mixes them well)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+@dataclasses.dataclass(slots=True)
+class Item:
+    x: torch.Tensor
+    """(C, T) latents or audio, or the posterior mean as stored."""
+    std: torch.Tensor | None
+    """(C, T) the posterior std as stored; None for single latents and audio."""
+    mask: torch.Tensor
+    meta: dict
+    noise_seed: int
+    scale: float
 
 
-def epoch_order(total: int, *, seed: int, epoch: int, global_batch: int) -> torch.Tensor:
-    """The sample indices served in `epoch`, in order; a whole number of global batches."""
-    g = torch.Generator().manual_seed(derived_seed(seed, epoch))
-    order = torch.randperm(total, generator=g)
-    return order[: (total // global_batch) * global_batch]
+REJECTED = None
+"""What the dataset returns for a sample of a rejected shard (under --max-reject-fraction); see `collate`."""
 
 
 def crop(x: torch.Tensor, valid: int, meta: dict, spec: CropSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -102,12 +124,12 @@ def crop(x: torch.Tensor, valid: int, meta: dict, spec: CropSpec, generator: tor
 
 
 class _TarIndex:
-    """Random access into a local tar: key -> {ext: (data offset, size)}, keys in file order."""
+    """Random access into a tar (a local file, or bytes in memory): key -> {ext: (data offset, size)}."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str | None = None, data: bytes | None = None):
+        self.path, self.data = path, data
         self.members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -118,6 +140,8 @@ class _TarIndex:
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
         key = self.keys[index]
+        if self.data is not None:
+            return key, {ext: self.data[o: o + n] for ext, (o, n) in self.members[key].items()}
         out = {}
         with open(self.path, "rb") as f:
             for ext, (offset, size) in self.members[key].items():
@@ -145,66 +169,132 @@ def count_npy(folder: str) -> int:
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Map-style: item `(epoch, g)` -> one cropped sample. Latent shards (`<key>.latents.safetensors`) or
-    audio shards (`<key>.flac`), each with `<key>.json`."""
+    """Map-style: item `(epoch, g, node step)` -> one cropped sample. Latent shards (`<key>.latents.safetensors`)
+    or audio shards (`<key>.flac`), each with `<key>.json`.
 
-    def __init__(self, shards: list[ShardRef], spec: CropSpec, *, seed: int, cache_dir: str):
+    `cache_dir` is the node's folder (cache, reject records); `cache_bytes` bounds the node's disk cache of S3
+    shards (None: the plan's live shards plus the prefetch depth; 0: no disk, shards stream into memory)."""
+
+    def __init__(self, shards: list[ShardRef], spec: CropSpec, *, seed: int, cache_dir: str,
+                 cache_bytes: int | None = None, max_reject_fraction: float = 0.0):
         if not shards:
             raise ValueError("no shard to read: the manifest lists no output")
-        self.shards = shards
-        self.spec = spec
-        self.seed = seed
-        self.cache_dir = cache_dir
+        self.shards, self.spec, self.seed, self.cache_dir = shards, spec, seed, cache_dir
+        self.cache_bytes, self.max_reject_fraction = cache_bytes, max_reject_fraction
         self.starts = np.cumsum([0] + [s.samples for s in shards])
-        self._indices: dict[int, _TarIndex] = {}
+        self.remote = any(storage.is_s3(s.url) for s in shards)
+        self.source: NodeCache | MemoryShards | None = None
+        self.layout: PlanLayout | None = None
+        self.node_dir = cache_dir
+        self._indices: dict[tuple[int, int], _TarIndex | _NpyDirIndex] = {}
+
+    @property
+    def in_memory(self) -> bool:
+        return self.remote and self.cache_bytes == 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _index(self, s: int) -> "_TarIndex | _NpyDirIndex":
-        """Built on first use, in each loader worker (each has its own copy of the dataset)."""
-        if s not in self._indices:
-            url = self.shards[s].url
-            self._indices[s] = _NpyDirIndex(url) if os.path.isdir(url) else _TarIndex(self._local(url))
-            if len(self._indices[s].keys) != self.shards[s].samples:
-                raise ValueError(f"{url}: holds {len(self._indices[s].keys)} samples, the manifest "
-                                 f"says {self.shards[s].samples}")
-        return self._indices[s]
+    def bind(self, layout: PlanLayout) -> None:
+        """Called by the loader before reading: the plan tells the cache what is needed when."""
+        self.layout = layout
+        self._indices.clear()
+        # one folder per group, so two "nodes" on one host (tests, or an unknown layout) never share one
+        self.node_dir = os.path.join(self.cache_dir, f"group-{layout.group}-of-{layout.groups}")
+        os.makedirs(self.node_dir, exist_ok=True)
+        if not self.remote:
+            self.source = None
+        elif self.in_memory:
+            self.source = MemoryShards(self.shards)
+        else:
+            self.source = NodeCache(self.node_dir, self.shards, budget_bytes=self.cache_bytes,
+                                    ranks_per_node=layout.ranks_per_group)
+        if self.source is not None:
+            self.source.schedule = Schedule(plan_for=layout.plan)
 
-    def _local(self, url: str) -> str:
-        return storage.local_path(url, self.cache_dir)
+    def _index(self, epoch: int, s: int, step: int) -> "_TarIndex | _NpyDirIndex":
+        """Opened on first use in each process (each loader worker has its own copy of the dataset)."""
+        key = (epoch, s)
+        if key not in self._indices:
+            ref = self.shards[s]
+            marker = os.path.join(self.node_dir, f"rejected-e{epoch}-{s:06d}.json")
+            if os.path.exists(marker):  # known bad this epoch: do not fetch or hash it again
+                with open(marker) as f:
+                    raise ShardRejected(json.load(f))
+            if self.layout is not None:  # forget the shards this process is done with
+                for old in [k for k in self._indices if (k[0], self.layout.plan(k[0]).last_step[k[1]]) < (epoch, step)]:
+                    del self._indices[old]
+            if self.remote and self.source is None:
+                raise RuntimeError("ShardDataset.bind() comes before reading S3 shards (LatentLoader does it)")
+            if os.path.isdir(ref.url):
+                index = _NpyDirIndex(ref.url)
+            elif isinstance(self.source, MemoryShards):
+                index = _TarIndex(data=self.source.data(epoch, s, step))
+            elif isinstance(self.source, NodeCache):
+                index = _TarIndex(self.source.path(epoch, s, step))
+            else:
+                verify_local_once(ref, s, self.node_dir)
+                index = _TarIndex(ref.url)
+            if len(index.keys) != ref.samples:
+                raise ShardRejected(reject_record(ref, "samples", ref.samples, len(index.keys)))
+            self._indices[key] = index
+        return self._indices[key]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        epoch, g = item
+    def _reject(self, error: ShardRejected, epoch: int, s: int) -> None:
+        """Record the reject for the node; fail when the node's rejected shards exceed the allowed fraction of
+        its share of the shards."""
+        os.makedirs(self.node_dir, exist_ok=True)
+        mark_rejected(self.node_dir, os.path.join(self.node_dir, f"rejected-e{epoch}-{s:06d}.json"), error.record)
+        rejected = {name.split("-")[2] for name in os.listdir(self.node_dir) if name.startswith("rejected-e")
+                    and name.endswith(".json")}
+        share = len(self.shards) / (self.layout.groups if self.layout else 1)
+        if len(rejected) > self.max_reject_fraction * share:
+            raise ValueError(f"{error}; {len(rejected)} rejected shard(s) on this node exceed --max-reject-fraction "
+                             f"{self.max_reject_fraction} of its {share:.0f} shards "
+                             f"(records in {os.path.join(self.node_dir, 'rejects.jsonl')})") from None
+
+    def __getitem__(self, item: tuple[int, int, int]) -> Item | None:
+        epoch, g, step = item
         s = int(np.searchsorted(self.starts, g, side="right") - 1)
-        url = self.shards[s].url
-        key, members = self._index(s).read(g - int(self.starts[s]))
-        meta = json.loads(members["json"])
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, g))
+        ref = self.shards[s]
+        try:
+            key, members = self._index(epoch, s, step).read(g - int(self.starts[s]))
+        except ShardRejected as e:
+            self._reject(e, epoch, s)
+            return REJECTED
+        meta = _sample_json(members, ref.url, key)
+        crop_seed = derived_seed(self.seed, epoch, g, STREAM_CROP)
+        generator = torch.Generator().manual_seed(crop_seed)
+        posterior, std = False, None
         if "latents.safetensors" in members:
-            x, valid = self._latents(members["latents.safetensors"], meta, generator, url, key)
+            x, std, valid = self._latents(members["latents.safetensors"], meta, ref.url, key)
+            posterior = std is not None
         elif "npy" in members:  # SAT pre_encoded: one latent, already sampled; its padding mask in the JSON
-            x = torch.from_numpy(np.load(io.BytesIO(members["npy"]))).float() / self.spec.scale
+            x = torch.from_numpy(np.load(io.BytesIO(members["npy"]), allow_pickle=False)).float() / self.spec.scale
             valid = int(sum(meta["padding_mask"])) if "padding_mask" in meta else x.shape[-1]
             meta = {k: v for k, v in meta.items() if k != "padding_mask"}
         elif "flac" in members:
-            x, valid = self._audio(members["flac"], url, key)
+            x, valid = self._audio(members["flac"], ref.url, key)
         else:
-            raise ValueError(f"{url}: sample {key} has neither .latents.safetensors nor .flac (has {sorted(members)})")
+            raise ValueError(f"{ref.url}: sample {key} has neither .latents.safetensors nor .flac (has {sorted(members)})")
         x, mask, meta = crop(x, valid, meta, self.spec, generator)
-        meta["__key__"], meta["__url__"] = key, url
-        return x, mask, meta
+        if posterior:  # the same crop (the same seed draws the same offset)
+            std = crop(std, valid, meta, self.spec, torch.Generator().manual_seed(crop_seed))[0]
+        meta["__key__"], meta["__url__"] = key, ref.url
+        return Item(x, std, mask, meta, derived_seed(self.seed, epoch, g, STREAM_NOISE), self.spec.scale)
 
-    def _latents(self, data: bytes, meta: dict, generator: torch.Generator, url: str, key: str) -> tuple[torch.Tensor, int]:
+    def _latents(self, data: bytes, meta: dict, url: str, key: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(x, std, valid frames): a VAE posterior ships mean and std as stored (the noise is drawn on the
+        model's device); one `latents` tensor is scaled here and has no std."""
         tensors = load_safetensors(data)
-        if "mean" in tensors:  # a VAE bottleneck: draw a fresh latent each time the sample is served
-            mean, std = tensors["mean"].float(), tensors["std"].float()
-            x = mean + std * torch.randn(mean.shape, generator=generator)
+        if "mean" in tensors and "std" in tensors and tensors["mean"].shape == tensors["std"].shape:
+            x, std = tensors["mean"], tensors["std"]
         elif "latents" in tensors:
-            x = tensors["latents"].float()
+            x, std = tensors["latents"].float() / self.spec.scale, None
         else:
-            raise ValueError(f"{url}: sample {key}.latents.safetensors holds {sorted(tensors)}, expected mean+std or latents")
-        return x / self.spec.scale, int(meta.get("valid_frames", x.shape[-1]))
+            raise ValueError(f"{url}: sample {key}.latents.safetensors holds {sorted(tensors)}, expected mean+std "
+                             f"of one shape or latents")
+        return x, std, int(meta.get("valid_frames", x.shape[-1]))
 
     def _audio(self, data: bytes, url: str, key: str) -> tuple[torch.Tensor, int]:
         from pipeline.data.audio import decode
@@ -215,47 +305,150 @@ class ShardDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(audio)).float(), audio.shape[-1]
 
 
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> Batch:
-    return Batch(torch.stack([x for x, _, _ in items]), torch.stack([m for _, m, _ in items]), [d for _, _, d in items])
+def _sample_json(members: dict[str, bytes], url: str, key: str) -> dict:
+    """The sample's JSON, with the fields the loader reads checked: one line naming shard and key otherwise."""
+    try:
+        meta = json.loads(members["json"])
+    except KeyError:
+        raise ValueError(f"{url}: sample {key} has no .json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{url}: sample {key}.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{url}: sample {key}.json holds {type(meta).__name__}, expected an object")
+    for name in ("offset_seconds", "seconds_start", "seconds_total"):
+        value = meta.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{url}: sample {key}.json {name}={value!r}, expected a finite number")
+    valid = meta.get("valid_frames", 0)
+    if isinstance(valid, bool) or not isinstance(valid, int) or valid < 0:
+        raise ValueError(f"{url}: sample {key}.json valid_frames={valid!r}, expected an integer >= 0")
+    return meta
+
+
+def collate(items: list[Item | None]) -> Batch:
+    """Stack a batch. A sample of a rejected shard (None) is replaced by a good sample of the same batch, so
+    every rank still yields its batch; the reject itself is recorded and limited by --max-reject-fraction."""
+    good = [i for i in items if i is not None]
+    if not good:
+        raise ValueError("every sample of a batch comes from rejected shards (see the node's rejects.jsonl)")
+    items = [i if i is not None else good[n % len(good)] for n, i in enumerate(items)]
+    if len({i.std is None for i in items}) > 1:
+        raise ValueError("a batch mixes VAE posteriors (mean+std) and single latents: one manifest holds one kind")
+    x, mask, meta = torch.stack([i.x for i in items]), torch.stack([i.mask for i in items]), [i.meta for i in items]
+    if items[0].std is None:
+        return Batch(x, mask, meta)
+    return Batch(None, mask, meta, mean=x, std=torch.stack([i.std for i in items]),
+                 noise_seeds=[i.noise_seed for i in items], scale=items[0].scale)
+
+
+def shard_refs(outputs) -> list[ShardRef]:
+    """The shards of a manifest's `outputs`, with what each is checked against."""
+    return [ShardRef(o["url"], o["samples"], o["bytes"], o["sha256"]) for o in outputs]
+
+
+def cache_bytes(cache_gb: float | None) -> int | None:
+    """`--cache-gb` in bytes (None: no bound beyond the plan's live shards and the prefetch depth)."""
+    if cache_gb is not None and cache_gb < 0:
+        raise ValueError(f"--cache-gb {cache_gb} must be >= 0 (0: stream into memory, no disk cache)")
+    return None if cache_gb is None else int(cache_gb * 1e9)
+
+
+def build_loader(shards: list[ShardRef], spec: CropSpec, args, denv, *, seed: int, batch_size: int,
+                 cache_dir: str) -> "LatentLoader":
+    """The train stages' loader from their flags (`--cache-gb`, `--max-reject-fraction`, `--num-workers`) and
+    the launcher's layout (`denv`: rank, world_size, num_nodes, node_rank, local_rank)."""
+    dataset = ShardDataset(shards, spec, seed=seed, cache_dir=cache_dir, cache_bytes=cache_bytes(args.cache_gb),
+                           max_reject_fraction=args.max_reject_fraction)
+    return LatentLoader(dataset, rank=denv.rank, world_size=denv.world_size, batch_size=batch_size, seed=seed,
+                        num_workers=args.num_workers, num_nodes=denv.num_nodes, node_rank=denv.node_rank,
+                        local_rank=denv.local_rank)
 
 
 class _RankBatches(torch.utils.data.Sampler):
-    """Lists of `(epoch, g)` for one rank, from a position on, epoch after epoch."""
+    """Lists of `(epoch, g, node step)` for one rank, from a position on, epoch after epoch."""
 
     def __init__(self, loader: "LatentLoader", epoch: int, batch: int):
         self.loader, self.epoch, self.batch = loader, epoch, batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, start = self.epoch, self.batch
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, start, b = self.epoch, self.batch, self.loader.batch_size
         while True:
             mine = self.loader.rank_order(epoch)
-            for b in range(start, self.loader.batches_per_epoch):
-                yield [(epoch, int(g)) for g in mine[b * self.loader.batch_size: (b + 1) * self.loader.batch_size]]
+            for step in range(start, self.loader.batches_per_epoch):
+                yield [(epoch, int(g), step) for g in mine[step * b: (step + 1) * b]]
             epoch, start = epoch + 1, 0
 
 
 class LatentLoader:
     """Iterate for batches (endlessly, epoch after epoch); `state_dict()` after a step is the position of the
-    next batch."""
+    next batch. `num_nodes`/`node_rank`/`local_rank` place the rank (default: one node); the ranks of a node
+    share its cache. `prefetch_shards` shards beyond the current step are fetched by `prefetch_threads`
+    background threads (S3 with a disk cache)."""
 
     def __init__(self, dataset: ShardDataset, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, num_nodes: int = 1, node_rank: int | None = None, local_rank: int | None = None,
+                 knobs: ShuffleKnobs = ShuffleKnobs(), prefetch_shards: int = 4, prefetch_threads: int = 2):
+        if num_nodes < 1 or world_size % num_nodes:
+            raise ValueError(f"world size {world_size} is not a whole number of ranks on each of {num_nodes} nodes")
         self.dataset = dataset
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.seed = seed
-        self.num_workers = num_workers
+        self.rank, self.world_size, self.batch_size, self.num_nodes = rank, world_size, batch_size, num_nodes
+        self.seed, self.num_workers, self.knobs = seed, num_workers, knobs
+        self.prefetch_shards, self.prefetch_threads = prefetch_shards, prefetch_threads
+        per_node = world_size // num_nodes
+        if dataset.in_memory:  # nothing is shared between the ranks of a node: each rank is its own group
+            group, groups, self.local, ranks = rank, world_size, 0, 1
+        else:
+            group = rank // per_node if node_rank is None else node_rank
+            self.local = rank % per_node if local_rank is None else local_rank
+            groups, ranks = num_nodes, per_node
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = len(dataset) // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(dataset)} samples do not fill one global batch of {self.global_batch} "
                              f"(--batch-size {batch_size} x {world_size} ranks): lower --batch-size or add data")
+        self.layout = PlanLayout(counts=tuple(s.samples for s in dataset.shards), seed=seed, group=group,
+                                 groups=groups, ranks_per_group=ranks, batch_size=batch_size, knobs=knobs)
         self.epoch = 0
         self.batch = 0
+        self._checked: set[int] = set()
 
-    def rank_order(self, epoch: int) -> torch.Tensor:
-        return epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, global_batch=self.global_batch)[self.rank::self.world_size]
+    def rank_order(self, epoch: int) -> np.ndarray:
+        plan = self.layout.plan(epoch)
+        self._check_budget(epoch)
+        return plan.rank_items(self.local)
+
+    def _check_budget(self, epoch: int) -> None:
+        budget = self.dataset.cache_bytes
+        if epoch in self._checked or not self.dataset.remote or not budget:
+            return
+        sizes = [s.bytes for s in self.dataset.shards]
+        need = self.layout.plan(epoch).live_bytes_high_water(sizes, slack_steps(self.num_workers))
+        if need > budget:
+            raise ValueError(f"--cache-gb {budget / 1e9:.3g} cannot hold the shards this node needs at once in "
+                             f"epoch {epoch} ({need / 1e9:.3g} GB with block_shards={self.knobs.block_shards}): "
+                             f"raise --cache-gb, or use --cache-gb 0 to stream into memory")
+        self._checked.add(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
+        self.dataset.bind(self.layout)
+        self._check_budget(self.epoch)
+        cache = self.dataset.source if isinstance(self.dataset.source, NodeCache) else None
+        stop, errors = threading.Event(), []
+        if cache is not None:
+            cache.write_progress(self.local, self.epoch, self.batch)
+
+        def prefetch() -> None:
+            try:
+                while not stop.is_set():
+                    if not cache.prefetch_once((self.epoch, self.batch), self.prefetch_shards):
+                        stop.wait(0.05)
+            except Exception as e:  # handed to the main thread, raised at the next batch
+                errors.append(e)
+
+        threads = [threading.Thread(target=prefetch, daemon=True, name=f"shard-prefetch-{i}")
+                   for i in range(self.prefetch_threads if cache is not None else 0)]
+        for t in threads:
+            t.start()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_RankBatches(self, self.epoch, self.batch), collate_fn=collate,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
@@ -263,22 +456,41 @@ class LatentLoader:
             # its own generator: creating the iterator draws a seed, which must not move the global RNG that
             # the model's randomness (CFG dropout) uses, or a resumed run would differ from an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed))
-        for batch in loader:
-            self.batch += 1
-            if self.batch == self.batches_per_epoch:
-                self.epoch, self.batch = self.epoch + 1, 0
-            yield batch
+        try:
+            for batch in loader:
+                if errors:
+                    raise errors[0]
+                self.batch += 1
+                if self.batch == self.batches_per_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+                if cache is not None:
+                    cache.write_progress(self.local, self.epoch, self.batch)
+                yield batch
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed, "samples": len(self.dataset)}
+                "groups": self.layout.groups, "batch_size": self.batch_size, "seed": self.seed,
+                "samples": len(self.dataset), "block_shards": self.knobs.block_shards, "window": self.knobs.window}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
-        for key, mine in (("world_size", self.world_size), ("batch_size", self.batch_size), ("seed", self.seed),
-                          ("samples", len(self.dataset))):
-            if state[key] != mine:
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {version!r}, this code reads 1 and {STATE_VERSION}")
+        mine = {"world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+                "samples": len(self.dataset)}
+        if version == STATE_VERSION:
+            mine.update(groups=self.layout.groups, block_shards=self.knobs.block_shards, window=self.knobs.window)
+        for key, value in mine.items():
+            if state[key] != value:
                 raise ValueError(f"cannot resume the data position: the checkpoint has {key}={state[key]}, this run "
-                                 f"has {mine}; resume with the same world size, --batch-size, --seed and data")
+                                 f"has {value}; resume with the same world size, nodes, --batch-size, --seed, "
+                                 f"--cache-gb 0 or not, and data")
+        if version == 1:
+            logger.warning("loader state of version 1 (a global sample order): epoch %d continues at batch %d in "
+                           "the shard-aware order, so this epoch may repeat or skip some samples",
+                           state["epoch"], state["batch"])
         self.epoch, self.batch = state["epoch"], state["batch"]

@@ -60,6 +60,10 @@ class DistEnv:
     """Where the numbers came from: "torchrun" (also the deepspeed launcher), "slurm" or "none"."""
     local_world_size: int = 1
     """Processes on this node."""
+    node_rank: int = 0
+    """This node's index, 0 .. num_nodes-1 (the train loader gives each node its own shards)."""
+    num_nodes: int = 1
+    """Nodes in the job."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -116,12 +120,15 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
                              "start the job with torchrun, the deepspeed launcher or srun")
         if local_rank_arg is not None and local_rank_arg != local_rank:
             raise ValueError(f"--local_rank={local_rank_arg} disagrees with LOCAL_RANK={local_rank}")
-        return DistEnv(rank=_int_var(env, "RANK"), local_rank=local_rank,
-                       world_size=_int_var(env, "WORLD_SIZE"),
+        rank, world = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+        # torchrun sets LOCAL_WORLD_SIZE and GROUP_RANK, the deepspeed launcher LOCAL_SIZE
+        per_node = next((_int_var(env, k) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if k in env), 1)
+        return DistEnv(rank=rank, local_rank=local_rank, world_size=world,
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_MASTER_PORT,
-                       launcher="torchrun",
-                       local_world_size=_int_var(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1)
+                       launcher="torchrun", local_world_size=per_node,
+                       node_rank=_int_var(env, "GROUP_RANK") if "GROUP_RANK" in env else rank // per_node,
+                       num_nodes=max(world // per_node, 1))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = _int_var(env, "SLURM_NTASKS")
         if "MASTER_ADDR" in env:
@@ -132,10 +139,13 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
             addr = slurm_node_addr(first_slurm_host(env["SLURM_JOB_NODELIST"]))
         # One port per job, so two jobs sharing a node do not collide at the rendezvous.
         default_port = SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN
-        return DistEnv(rank=_int_var(env, "SLURM_PROCID"), local_rank=_int_var(env, "SLURM_LOCALID"),
+        rank, per_node = _int_var(env, "SLURM_PROCID"), _tasks_per_node(env)
+        return DistEnv(rank=rank, local_rank=_int_var(env, "SLURM_LOCALID"),
                        world_size=world, master_addr=addr,
                        master_port=_int_var(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port,
-                       launcher="slurm", local_world_size=_tasks_per_node(env))
+                       launcher="slurm", local_world_size=per_node,
+                       node_rank=_int_var(env, "SLURM_NODEID") if "SLURM_NODEID" in env else rank // per_node,
+                       num_nodes=_int_var(env, "SLURM_NNODES") if "SLURM_NNODES" in env else max(world // per_node, 1))
     return DistEnv(rank=0, local_rank=local_rank_arg or 0, world_size=1, master_addr="127.0.0.1",
                    master_port=_free_port(), launcher="none")
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline import manifest
-from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef, crop
+from pipeline.data.latents import CropSpec, LatentLoader, ShardDataset, ShardRef, collate, crop, shard_refs
+from pipeline.data.posterior import sample_latents
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "distributed"))
 import trainkit  # noqa: E402
@@ -15,7 +16,7 @@ import trainkit  # noqa: E402
 
 def _dataset(url, tmp_path, frames=8, scale=1.0, seed=0):
     m = manifest.read_manifest(url)
-    refs = [ShardRef(o["url"], o["samples"]) for o in m.outputs]
+    refs = shard_refs(m.outputs)
     spec = CropSpec(frames=frames, samples_per_frame=4, sample_rate=16, scale=scale)
     return ShardDataset(refs, spec, seed=seed, cache_dir=str(tmp_path / "cache"))
 
@@ -50,7 +51,7 @@ def test_resume_continues_with_the_same_batches(tmp_path):
     rest = list(itertools.islice(iter(resumed), 3))
     assert _keys(rest) == _keys(ref[4:])
     for a, b in zip(rest, ref[4:]):
-        assert torch.equal(a.latents, b.latents) and torch.equal(a.padding_mask, b.padding_mask)
+        assert torch.equal(sample_latents(a), sample_latents(b)) and torch.equal(a.padding_mask, b.padding_mask)
 
 
 def test_load_refuses_a_changed_world_size(tmp_path):
@@ -64,7 +65,7 @@ def test_load_refuses_a_changed_world_size(tmp_path):
 def test_a_fresh_latent_is_drawn_each_epoch_and_scaled(tmp_path):
     url = trainkit.write_latent_shards(str(tmp_path / "lat"), shards=1, per_shard=2, frames=8)
     ds = _dataset(url, tmp_path, scale=2.0)
-    a, b, c = ds[(0, 1)][0], ds[(0, 1)][0], ds[(1, 1)][0]
+    a, b, c = (sample_latents(collate([ds[(epoch, 1, 0)]]))[0] for epoch in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     from pipeline.data.latents import _TarIndex
     from safetensors.torch import load
@@ -93,7 +94,7 @@ def test_shards_on_s3_are_read(store_url, tmp_path):
     url = trainkit.write_latent_shards(store_url, shards=2, per_shard=3)
     ds = _dataset(url, tmp_path)
     batches = list(itertools.islice(iter(LatentLoader(ds, rank=0, world_size=1, batch_size=3, seed=0)), 2))
-    assert batches[0].latents.shape == (3, 4, 8) and len(set(_keys(batches))) == 6
+    assert sample_latents(batches[0]).shape == (3, 4, 8) and len(set(_keys(batches))) == 6
 
 
 def test_sat_pre_encoded_folders_are_read_with_their_padding_masks(tmp_path):
@@ -111,6 +112,40 @@ def test_sat_pre_encoded_folders_are_read_with_their_padding_masks(tmp_path):
     assert count_npy(str(tmp_path / "pre")) == 3
     spec = CropSpec(frames=8, samples_per_frame=4, sample_rate=16, scale=2.0)
     ds = ShardDataset([ShardRef(str(tmp_path / "pre"), 3)], spec, seed=0, cache_dir=str(tmp_path / "c"))
-    x, mask, meta = ds[(0, 2)]
+    item = ds[(0, 2, 0)]
+    x, mask, meta = item.x, item.mask, item.meta
     assert x.shape == (4, 8) and (x == 1.0).all()  # 2 / scale 2; frames past the data stay as encoded, masked
     assert mask.tolist() == [True] * 6 + [False] * 2 and "padding_mask" not in meta and meta["__key__"] == "0__002"
+
+
+def test_a_samples_latent_is_the_same_whatever_the_batch_size_rank_count_and_worker_count(tmp_path):
+    url = trainkit.write_latent_shards(str(tmp_path / "lat"), shards=3, per_shard=8, dtype=torch.float16)
+
+    def latents(world, batch, workers):
+        out = {}
+        for r in range(world):
+            lo = LatentLoader(_dataset(url, tmp_path), rank=r, world_size=world, batch_size=batch, seed=1,
+                              num_workers=workers)
+            for b in itertools.islice(iter(lo), lo.batches_per_epoch):
+                out.update(zip(_keys([b]), sample_latents(b)))
+        return out
+
+    a, b, c = latents(1, 4, 0), latents(2, 3, 2), latents(3, 2, 1)
+    common = set(a) & set(b) & set(c)
+    assert len(common) >= 18  # each layout leaves out its own remainder
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in common)
+
+
+def test_the_loader_ships_the_stored_posterior_and_the_step_draws_it(tmp_path):
+    from safetensors.torch import load
+
+    from pipeline.data.latents import STREAM_NOISE, _TarIndex, derived_seed
+    url = trainkit.write_latent_shards(str(tmp_path / "lat"), shards=1, per_shard=2, frames=8, dtype=torch.float16)
+    ds = _dataset(url, tmp_path, scale=2.0, seed=4)
+    batch = collate([ds[(3, 1, 0)]])
+    assert batch.latents is None and batch.mean.dtype == batch.std.dtype == torch.float16  # as stored
+    stored = load(_TarIndex(str(tmp_path / "lat" / "latents-0-0.tar")).read(1)[1]["latents.safetensors"])
+    assert torch.equal(batch.mean[0], stored["mean"]) and torch.equal(batch.std[0], stored["std"])
+    noise = torch.randn(4, 8, generator=torch.Generator().manual_seed(derived_seed(4, 3, 1, STREAM_NOISE)))
+    expected = (stored["mean"].float() + stored["std"].float() * noise) / 2.0
+    assert torch.equal(sample_latents(batch)[0], expected)

@@ -14,7 +14,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_torchrun_variables_give_rank_world_and_master():
     e = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234"})
     assert e == DistEnv(rank=3, local_rank=1, world_size=4, master_addr="10.0.0.2", master_port=1234, launcher="torchrun",
-                        local_world_size=1)
+                        local_world_size=1, node_rank=3, num_nodes=4)  # ranks per node unknown: each its own node
+
+
+def test_node_rank_and_count_come_from_the_launcher():
+    e = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"})
+    assert (e.node_rank, e.num_nodes, e.local_world_size) == (1, 2, 4)
+    e = detect({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_NODEID": "1", "SLURM_NNODES": "2", "MASTER_ADDR": "n1"})
+    assert (e.node_rank, e.num_nodes) == (1, 2)
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted_and_must_agree():

@@ -17,19 +17,21 @@ from safetensors.torch import save as save_safetensors
 from pipeline import manifest, storage
 
 
-def write_latent_shards(out_url: str, *, shards: int, per_shard: int, channels: int = 4, frames: int = 12,
+def write_latent_shards(out_url: str, *, shards: int, per_shard: int | list[int], channels: int = 4, frames: int = 12,
                         valid_frames: int | None = None, vae: bool = True, seed: int = 0,
                         properties: dict | None = None, dtype=torch.float32) -> str:
     """`latents-0-<n>.tar` shards of random latents (`mean`/`std` when `vae`, else `latents`), each sample's
-    JSON with prompt and timing; then the pre_encode manifest. Returns the manifest URL."""
+    JSON with prompt and timing; then the pre_encode manifest. Returns the manifest URL. `per_shard` may list
+    a count per shard."""
     import webdataset as wds
 
     g = torch.Generator().manual_seed(seed)
     outputs = []
+    counts = per_shard if isinstance(per_shard, list) else [per_shard] * shards
     for s in range(shards):
         buf = io.BytesIO()
         with wds.TarWriter(buf) as tar:
-            for i in range(per_shard):
+            for i in range(counts[s]):
                 key = f"s{s:02d}i{i:03d}"
                 mean = torch.randn(channels, frames, generator=g).to(dtype)
                 tensors = {"mean": mean, "std": (0.1 + torch.rand(channels, frames, generator=g)).to(dtype)} \
@@ -41,8 +43,8 @@ def write_latent_shards(out_url: str, *, shards: int, per_shard: int, channels: 
         data = buf.getvalue()
         url = storage.join(out_url, f"latents-0-{s}.tar")
         storage.write(url, data)
-        outputs.append(manifest.entry("pre_encode", url=url, samples=per_shard, bytes=len(data),
-                                      sha256=hashlib.sha256(data).hexdigest(), seconds=float(per_shard)))
+        outputs.append(manifest.entry("pre_encode", url=url, samples=counts[s], bytes=len(data),
+                                      sha256=hashlib.sha256(data).hexdigest(), seconds=float(counts[s])))
     props = {"architecture_sha256": "a" * 64, "weights_sha256": "b" * 64, "scale": 1.0, "weights_url": "",
              "latent_channels": channels, "downsampling_ratio": 4, "dtype": str(dtype).removeprefix("torch."),
              **(properties or {})}
