@@ -107,7 +107,7 @@ def test_check_refuses_a_model_too_large_to_allocate_without_allocating_it(tmp_p
     huge = _mutated(lambda c: c["model"]["diffusion"]["config"].update(embed_dim=2**20, num_heads=2**14, project_cond_tokens=True))
     path = tmp_path / "huge.json"
     path.write_text(json.dumps(huge))
-    code = ("import resource, sys\nfrom pipeline.config import main\nrc = main(['check', sys.argv[1]])\n"
+    code = ("import resource, sys\nfrom pipeline.config_check import main\nrc = main(['check', sys.argv[1]])\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
