@@ -734,7 +734,8 @@ def load_dataset_config(source: "str | dict") -> DatasetConfig:
 
 
 if __name__ == "__main__":
-    # `python -m pipeline.config check CONFIG`: the command lives in pipeline.config_check (it builds models,
-    # which import this module; this file never imports them).
+    # `python -m pipeline.config check CONFIG`: the command lives in pipeline.config_check, because it builds
+    # models and they import this module. This block runs only as `__main__`, so `pipeline.config` itself
+    # never imports models (tests/test_imports.py leaves such blocks out for that reason).
     from pipeline.config_check import main as check_main
     sys.exit(check_main())
