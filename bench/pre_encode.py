@@ -30,7 +30,7 @@ from pipeline import pre_encode  # noqa: E402
 from pipeline.config import PretransformConfig, load_model_config  # noqa: E402
 from pipeline.data.audio import encode_flac  # noqa: E402
 from pipeline.data.shards import ShardWriter  # noqa: E402
-from pipeline.models.autoencoder import create_autoencoder_from_config  # noqa: E402
+from pipeline.models.factory import create_autoencoder_from_config  # noqa: E402
 from pipeline.models.blocks import fold_weight_norm  # noqa: E402
 from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config  # noqa: E402
 

@@ -24,7 +24,8 @@ import torch
 from pipeline import manifest, storage
 from pipeline.cli import USER_ERRORS, report_error
 from pipeline.config import ConfigError, load_model_config, read_json
-from pipeline.distributed.checkpoint import read_export, write_export
+from pipeline.distributed.checkpoint import fetch, zero_fp32_state_dict
+from pipeline.export_file import MODEL_CONFIG_KEY, read_export, write_export
 from pipeline.models.weights import check_layout as check_tensor_layout
 
 logger = logging.getLogger("pipeline.export")
@@ -47,28 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _raw_weights(tag_url: str, work: str) -> dict[str, torch.Tensor]:
     """fp32 weights consolidated from the DeepSpeed checkpoint's ZeRO partitions (ZeRO 1-3)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.distributed.checkpoint import fetch
-    from pipeline.distributed.safe_load import weights_only_loads
-
     folder = tag_url
     if storage.is_s3(tag_url):
         folder = os.path.join(work, "ckpt", os.path.basename(tag_url.rstrip("/")))
         fetch(tag_url, folder)
-    parent, tag = os.path.split(folder.rstrip("/"))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{tag_url}: no such checkpoint folder")
-    if not any(n.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for n in os.listdir(folder)):
-        raise ValueError(f"{tag_url}: --no-ema needs a ZeRO 1-3 checkpoint (this one has no ZeRO partitions); "
-                         f"train with use_ema false to export raw weights at each checkpoint")
-    with weights_only_loads():  # zero_to_fp32 unpickles with weights_only=False by itself
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-        except (KeyError, IndexError, AssertionError) as e:  # files that load but do not hold what DeepSpeed wrote
-            raise ValueError(f"{tag_url}: DeepSpeed cannot consolidate this checkpoint ({type(e).__name__}: {e}); "
-                             f"its files are damaged or incomplete") from None
-    return {k: v.float() for k, v in state.items()}
+    return zero_fp32_state_dict(folder, tag_url)
 
 
 def resolve(args, work: str) -> tuple[dict[str, torch.Tensor], dict | None, bool]:
@@ -123,7 +107,8 @@ def export(args, work: str) -> tuple[int, bool]:
     else:
         where = f"{args.checkpoint} (embedded model_config)"
     if config is None:
-        raise ValueError(f"{args.checkpoint} carries no model config (metadata key model_config): pass --model-config")
+        raise ValueError(f"{args.checkpoint} carries no model config (metadata key {MODEL_CONFIG_KEY}): pass "
+                         "--model-config")
     try:
         check_layout(tensors, config, args.checkpoint)
     except ConfigError as e:

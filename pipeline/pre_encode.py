@@ -45,7 +45,8 @@ from pipeline.data.shards import ShardCheck, ShardWriter, VerifiedShard, read_sa
 from pipeline.data.workers import die_with_parent
 from pipeline.models.blocks import fold_weight_norm
 from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config
-from pipeline.models.weights import architecture_sha256, load_autoencoder_weights
+from pipeline.models.weights import load_autoencoder_weights
+from pipeline.pretransform_identity import pretransform_identity
 from pipeline.stage_driver import Progress, Stage, check_reject_fraction
 
 logger = logging.getLogger("pipeline.pre_encode")
@@ -87,8 +88,7 @@ def load_encoder(args) -> Encoder:
     pretransform.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
     auto = block.autoencoder
     properties = {
-        "architecture_sha256": architecture_sha256(raw_block), "weights_sha256": weights_sha,
-        "scale": block.scale, "weights_url": weights_url, "latent_channels": auto.latent_dim,
+        **pretransform_identity(raw_block, block.scale, weights_sha), "weights_url": weights_url, "latent_channels": auto.latent_dim,
         "downsampling_ratio": auto.downsampling_ratio, "bottleneck": auto.bottleneck.type if auto.bottleneck else None,
         "dtype": "fp32" if dtype == torch.float32 else "fp16", "sample_rate": cfg.sample_rate,
         "channels": cfg.audio_channels, "sample_size": args.sample_size or cfg.sample_size,

@@ -46,6 +46,7 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.latents import derived_seed
 from pipeline.data.shards import iter_samples, read_json
 from pipeline.diffusion import create_objective
+from pipeline.pretransform_identity import identity_differences, pretransform_identity
 from pipeline.report import scores
 
 logger = logging.getLogger(__name__)
@@ -101,17 +102,14 @@ def read_val_set(url: str, cfg: ModelConfig, about: dict, limit: int, channels: 
     """Read up to ``limit`` clips of the pre_encode manifest at ``url``, refusing latents made by another
     pretransform than the checkpoint's (the identity train checks). Returns the clips and the model's
     frames per clip (``sample_size`` in latent frames)."""
-    from pipeline.models.weights import architecture_sha256
     data = mf.read_manifest(url)
     if data.stage != "pre_encode":
         raise ConfigError(f"--data {url}: a {data.stage!r} manifest; the probe reads latent shards (the output "
                           "of pipeline.pre_encode, e.g. <latents>/val/manifest.json)")
     props, pre = data.properties, cfg.model.pretransform
     if pre is not None:
-        mine = {"architecture_sha256": architecture_sha256(pre.config), "scale": pre.scale}
-        if props.get("weights_sha256") is not None:
-            mine["weights_sha256"] = about["pretransform_weights_sha256"]
-        differ = [k for k in mine if props.get(k) != mine[k]]
+        differ = identity_differences(props, pretransform_identity(pre.config, pre.scale,
+                                                                   about["pretransform_weights_sha256"]))
         if differ:
             raise ConfigError(f"--data {url} was encoded by another pretransform than the checkpoint's "
                               f"(differs: {', '.join(differ)}); probe with latents of this model's VAE")

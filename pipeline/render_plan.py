@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import struct
 import tempfile
 
 import torch
@@ -20,14 +19,13 @@ from pipeline import manifest as mf
 from pipeline import storage
 from pipeline.config import ConfigError, DemoConfig, ModelConfig, load_model_config, sha256_of
 from pipeline.diffusion import create_sampler
+from pipeline.export_file import MODEL_CONFIG_KEY, embedded_config, read_export, read_metadata
 from pipeline.generate import latent_length, latent_unit
 from pipeline.models import create_model_from_config
 from pipeline.models.weights import load_strict
 from pipeline.report.page import check_name, clip_stem
 
 logger = logging.getLogger(__name__)
-MODEL_CONFIG_KEY = "model_config"
-_MAX_HEADER = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,53 +72,18 @@ def resolve_checkpoints(specs: list[str], steps: list[int] | None) -> list[Check
     return out
 
 
-def read_safetensors_metadata(url: str) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file: 8 bytes of header length, then the JSON header."""
-    with storage.open_read(url) as f:
-        head = _read_exact(f, 8, url)
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            raise ConfigError(f"{url}: not a safetensors file (header length {length})")
-        try:
-            header = json.loads(_read_exact(f, length, url))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{url}: not a safetensors file (bad header: {e})") from None
-    return dict(header.get("__metadata__") or {})
-
-
-def _read_exact(f, n: int, url: str) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = f.read(n - len(data))
-        if not chunk:
-            raise ConfigError(f"{url}: file ends inside the safetensors header")
-        data += chunk
-    return data
-
-
-def _embedded_config(url: str, text: str) -> dict:
-    """The embedded model config as a dict (data: validated by load_model_config, never imported from)."""
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{url}: metadata {MODEL_CONFIG_KEY} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{url}: metadata {MODEL_CONFIG_KEY} is not a JSON object")
-    return config
-
-
 def load_checkpoint_config(checkpoint: Checkpoint, model_config: str | None) -> ModelConfig:
     """The checkpoint's embedded model config, or ``--model-config`` (which wins, with a warning when
     the checkpoint carries a different one)."""
-    embedded = read_safetensors_metadata(checkpoint.url).get(MODEL_CONFIG_KEY)
+    embedded = embedded_config(checkpoint.url, read_metadata(checkpoint.url))
     if model_config is not None:
         cfg = load_model_config(model_config)
-        if embedded is not None and sha256_of(_embedded_config(checkpoint.url, embedded)) != cfg.sha256:
+        if embedded is not None and sha256_of(embedded) != cfg.sha256:
             logger.warning("%s carries a model config that differs from --model-config %s; using the latter",
                            checkpoint.url, model_config)
     elif embedded is not None:
         try:
-            cfg = load_model_config(_embedded_config(checkpoint.url, embedded))
+            cfg = load_model_config(embedded)
         except ConfigError as e:
             raise ConfigError(f"{checkpoint.url} (embedded model_config): {str(e).removeprefix('<dict>: ')}") from None
     else:
@@ -134,8 +97,6 @@ def load_checkpoint_config(checkpoint: Checkpoint, model_config: str | None) -> 
 def load_checkpoint_weights(checkpoint: Checkpoint, cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model built from ``cfg`` (on CPU) with the checkpoint's exported weights, strictly (every key
     must match), and those weights; an S3 file is downloaded to a temporary folder first."""
-    from pipeline.distributed.checkpoint import read_export  # imported here: planning needs no checkpoint reader
-
     with tempfile.TemporaryDirectory(prefix="cantus-checkpoint-") as tmp:
         tensors, _, _ = read_export(storage.local_path(checkpoint.url, tmp))
     model = create_model_from_config(cfg)

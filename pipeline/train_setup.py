@@ -23,8 +23,9 @@ from pipeline.distributed.stop import EXIT_STOPPED, request_stop
 from pipeline.distributed.checkpoint import full_fp32_state_dict
 from pipeline.distributed.engine import BatchLayout, zero_stage
 from pipeline.models.factory import create_model_from_config
-from pipeline.models.weights import (PRETRANSFORM_PREFIX, architecture_sha256, autoencoder_state_dict,
-                                     load_state_dict, load_strict, safetensors_header, weights_sha256)
+from pipeline.models.weights import (PRETRANSFORM_PREFIX, autoencoder_state_dict, load_state_dict, load_strict,
+                                     safetensors_header, weights_sha256)
+from pipeline.pretransform_identity import identity_differences, pretransform_identity
 
 logger = logging.getLogger(__name__)
 
@@ -138,16 +139,15 @@ def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch:
     pre = cfg.model.pretransform
     if pre is None:
         return wrapper, None
-    mine = {"architecture_sha256": architecture_sha256(pre.config), "scale": pre.scale}
     source = args.pretransform_ckpt or props.get("weights_url")
     if not source:
         raise ValueError(f"no VAE weights: {args.data} has no properties.weights_url and --pretransform-ckpt is not set")
     weights = autoencoder_state_dict(load_state_dict(local_copy(source, scratch)), source)
-    mine["weights_sha256"] = weights_sha256(weights)
+    mine = pretransform_identity(pre.config, pre.scale, weights_sha256(weights))
     if not verify:
         logger.warning("%s carries no pretransform identity (an SAT pre_encoded dataset): it cannot be checked that "
                        "it was encoded by %s", args.data, source)
-    differ = [k for k in ("architecture_sha256", "weights_sha256", "scale") if verify and props.get(k) != mine[k]]
+    differ = identity_differences(props, mine) if verify else []
     if differ:
         detail = "; ".join(f"{k}: latents {str(props.get(k))[:16]} vs model {str(mine[k])[:16]}" for k in differ)
         raise ValueError(

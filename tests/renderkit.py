@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from pipeline import storage
 from pipeline.config import load_model_config
-from pipeline.distributed.checkpoint import write_export
+from pipeline.export_file import write_export
 from pipeline.models import create_model_from_config
 
 

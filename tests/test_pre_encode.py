@@ -18,7 +18,7 @@ from pipeline import manifest as mf
 from pipeline import storage
 from pipeline.data.audio import decode, encode_flac
 from pipeline.data.shards import ShardWriter, iter_samples
-from pipeline.models.autoencoder import create_autoencoder_from_config
+from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.pretransforms import AutoencoderPretransform
 from pipeline.pre_encode import main
 

@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import manifest as mf
 from pipeline import probe
-from pipeline.distributed.checkpoint import write_export
+from pipeline.export_file import write_export
 from pipeline.diffusion import create_objective
 from pipeline.models import create_model_from_config
 

@@ -23,8 +23,8 @@ and a demo or render: ``create_sampler(name_or_None, objective)(model_fn, noise,
 """
 from pipeline.diffusion.cfg import apply_cfg
 from pipeline.diffusion.ema import EMA
-from pipeline.diffusion.losses import DiffusionLoss, LossTerm
-from pipeline.diffusion.objectives import (LossOutput, Objective, RectifiedFlowObjective, VObjective,
+from pipeline.diffusion.losses import DiffusionLoss, LossOutput, LossTerm
+from pipeline.diffusion.objectives import (Objective, RectifiedFlowObjective, VObjective,
                                            create_objective)
 from pipeline.diffusion.optim import (InverseLR, create_optimizer, create_optimizer_and_scheduler,
                                       create_scheduler)

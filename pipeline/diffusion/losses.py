@@ -29,16 +29,29 @@ per batch with Python's ``random``; we draw it from the caller's generator).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.diffusion.objectives import LossOutput, Objective, expand_like
+if TYPE_CHECKING:  # objectives imports this module (Objective.loss defaults to plain MSE)
+    from pipeline.diffusion.objectives import Objective
 
 LOSS_TYPES = ("mse", "l1", "huber")
 TIMESTEP_WEIGHTINGS = ("none", "min_snr")
 _KEY = "training.loss_configs"
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """What ``Objective.loss`` returns: the scalar to backpropagate and what to log."""
+
+    loss: torch.Tensor
+    """Scalar: the weighted sum of the loss terms."""
+    terms: dict[str, torch.Tensor]
+    """Each term's scalar value before its weight, by term name."""
+    per_sample: torch.Tensor
+    """(B,) unweighted mean squared error per sample (masked frames left out), for bucketing by t."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +187,7 @@ class DiffusionLoss:
             elementwise = term.elementwise(output, target)
             weight = term.timestep_weight(t, objective)
             if weight is not None:
-                elementwise = elementwise * expand_like(weight, elementwise).to(elementwise.dtype)
+                elementwise = elementwise * weight.reshape(-1, *[1] * (elementwise.ndim - 1)).to(elementwise.dtype)
             value = (elementwise * keep).sum() / count
             terms[term.name] = value.detach()
             total = total + term.weight * value

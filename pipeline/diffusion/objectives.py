@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
+
+from pipeline.diffusion.losses import DiffusionLoss, LossOutput
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``model_fn(x_t, t) -> output``: the network with its conditioning closed over; ``t`` is (B,)."""
@@ -39,18 +40,6 @@ def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},) to match x {tuple(x.shape)}, "
                          f"got {tuple(t.shape)}")
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
-
-
-@dataclass(frozen=True)
-class LossOutput:
-    """What ``Objective.loss`` returns: the scalar to backpropagate and what to log."""
-
-    loss: torch.Tensor
-    """Scalar: the weighted sum of the loss terms."""
-    terms: dict[str, torch.Tensor]
-    """Each term's scalar value before its weight, by term name."""
-    per_sample: torch.Tensor
-    """(B,) unweighted mean squared error per sample (masked frames left out), for bucketing by t."""
 
 
 class Objective(abc.ABC):
@@ -91,7 +80,7 @@ class Objective(abc.ABC):
         return alpha ** 2 / sigma ** 2
 
     def loss(self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             loss_fn: "Callable[..., LossOutput] | None" = None,
+             loss_fn: Callable[..., LossOutput] | None = None,
              padding_mask: torch.Tensor | None = None) -> LossOutput:
         """Noise ``x`` at ``t``, run ``model_fn`` and score it against the target.
 
@@ -99,7 +88,6 @@ class Objective(abc.ABC):
         ``padding_mask`` (B, T) is True on frames that hold data, or None to score every frame.
         """
         if loss_fn is None:
-            from pipeline.diffusion.losses import DiffusionLoss  # local: losses imports this module
             loss_fn = DiffusionLoss.mse()
         x_t = self.noise(x, t, noise)
         output = model_fn(x_t, t)

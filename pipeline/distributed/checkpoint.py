@@ -1,4 +1,5 @@
-"""Checkpoint I/O: DeepSpeed checkpoints with our client state, the EMA shards, and the SAT-layout export.
+"""Checkpoint I/O: DeepSpeed checkpoints with our client state, the EMA shards, and the fp32 weights an export
+takes (the export file itself: `pipeline.export_file`).
 
 A checkpoint `<root>/<tag>/` holds DeepSpeed's files, one `rank-<r>.safetensors` per rank (step, data
 position, RNG states, config sha256; DeepSpeed keeps its own client state only on rank 0 under ZeRO-1/2,
@@ -31,7 +32,6 @@ from pipeline.models.weights import read_safetensors, safetensors_header
 logger = logging.getLogger(__name__)
 
 FORMAT = "cantus-train-state/1"
-MODEL_CONFIG_KEY = "model_config"
 """Safetensors metadata key holding the model config JSON (SAT's `model_config` as a string)."""
 
 
@@ -181,22 +181,21 @@ def full_fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_export(path: str, tensors: dict[str, torch.Tensor], model_config: dict, *, ema: bool) -> None:
-    """One safetensors file in SAT's unwrapped layout, the model config JSON under metadata `model_config`."""
-    meta = {MODEL_CONFIG_KEY: json.dumps(model_config), "format": "pt", "cantus_weights": "ema" if ema else "raw"}
-    save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, path, metadata=meta)
+def zero_fp32_state_dict(folder: str, source: str) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from the ZeRO 1-3 partitions of the local checkpoint `folder` (`<root>/<tag>`);
+    errors name `source` (the URL the user gave)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-
-def read_export(path: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, str]]:
-    """(tensors, model config or None, metadata) of an exported or SAT safetensors file. The embedded config
-    is data: it is parsed as JSON here and validated by its loader, never used to import anything."""
-    _, meta = safetensors_header(path)
-    config = None
-    if MODEL_CONFIG_KEY in meta:
+    parent, tag = os.path.split(folder.rstrip("/"))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{source}: no such checkpoint folder")
+    if not any(n.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for n in os.listdir(folder)):
+        raise ValueError(f"{source}: --no-ema needs a ZeRO 1-3 checkpoint (this one has no ZeRO partitions); "
+                         f"train with use_ema false to export raw weights at each checkpoint")
+    with weights_only_loads():  # zero_to_fp32 unpickles with weights_only=False by itself
         try:
-            config = json.loads(meta[MODEL_CONFIG_KEY])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: metadata {MODEL_CONFIG_KEY} is not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: metadata {MODEL_CONFIG_KEY} is not a JSON object")
-    return read_safetensors(path), config, meta
+            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        except (KeyError, IndexError, AssertionError) as e:  # files that load but do not hold what DeepSpeed wrote
+            raise ValueError(f"{source}: DeepSpeed cannot consolidate this checkpoint ({type(e).__name__}: {e}); "
+                             f"its files are damaged or incomplete") from None
+    return {k: v.float() for k, v in state.items()}

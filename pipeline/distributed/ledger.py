@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pipeline import manifest, storage
 from pipeline.distributed import checkpoint
 from pipeline.distributed.ema import ShardedEMA, consolidate
+from pipeline.export_file import write_export
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def save_and_publish(outputs: RunOutputs, engine, *, step: int, client: dict, co
         export_url = storage.join(tag_url, "ema.safetensors")
         tmp = os.path.join(outputs.scratch, f"export-{tag}.safetensors")
         os.makedirs(outputs.scratch, exist_ok=True)
-        checkpoint.write_export(tmp, tensors, model_config, ema=ema is not None)
+        write_export(tmp, tensors, model_config, ema=ema is not None)
         storage.write(storage.join(tag_url, "files.json"), json.dumps(all_files + ["ema.safetensors"]).encode())
         storage.upload(tmp, export_url)
         entry = manifest.CheckpointEntry(step=step, tag=tag, checkpoint_url=tag_url, export_url=export_url,

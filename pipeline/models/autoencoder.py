@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from pipeline.config import (AutoencoderConfig, ConfigError, MissingPackageError, ModelConfig, ModuleConfig,
-                             load_model_config)
+from pipeline.config import AutoencoderConfig, ConfigError, MissingPackageError, ModuleConfig, PretransformConfig
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck
 from pipeline.models.dac import DACDecoderWrapper, DACEncoderWrapper
@@ -275,9 +274,12 @@ def _build_module(registry: dict, spec: ModuleConfig, key_path: str) -> nn.Modul
     return module
 
 
-def build_autoencoder(config: AutoencoderConfig, sample_rate: int, key_path: str = "model") -> AudioAutoencoder:
-    """Build an `AudioAutoencoder` from a parsed SAT autoencoder block (a model section or a pretransform config)."""
-    from pipeline.models.pretransforms import create_pretransform_from_config  # the two modules refer to each other
+def build_autoencoder(config: AutoencoderConfig, sample_rate: int, key_path: str = "model", *,
+                      build_pretransform: Callable[[PretransformConfig, int, int], nn.Module]) -> AudioAutoencoder:
+    """Build an `AudioAutoencoder` from a parsed SAT autoencoder block (a model section or a pretransform config).
+
+    `build_pretransform` builds the block's inner pretransform (`pretransforms.create_pretransform_from_config`,
+    passed in because a pretransform may itself be an autoencoder: this module does not import that one)."""
 
     encoder = _build_module(ENCODERS, config.encoder, f"{key_path}.encoder")
     decoder = _build_module(DECODERS, config.decoder, f"{key_path}.decoder")
@@ -287,16 +289,8 @@ def build_autoencoder(config: AutoencoderConfig, sample_rate: int, key_path: str
         bottleneck = create_bottleneck(b.type, b.config, b.requires_grad, f"{key_path}.bottleneck")
     pretransform = None
     if config.pretransform is not None:
-        pretransform = create_pretransform_from_config(config.pretransform, sample_rate, config.io_channels)
+        pretransform = build_pretransform(config.pretransform, sample_rate, config.io_channels)
     return AudioAutoencoder(
         encoder=encoder, decoder=decoder, latent_dim=config.latent_dim, downsampling_ratio=config.downsampling_ratio, sample_rate=sample_rate,
         io_channels=config.io_channels, bottleneck=bottleneck, pretransform=pretransform,
         in_channels=config.in_channels, out_channels=config.out_channels)
-
-
-def create_autoencoder_from_config(cfg: ModelConfig | Mapping | str) -> AudioAutoencoder:
-    """Build the autoencoder of a `model_type: autoencoder` config (parsed, a dict, or a JSON path)."""
-    cfg = load_model_config(cfg)
-    if cfg.model.autoencoder is None:
-        raise ConfigError(f"{cfg.source}: model_type={cfg.model_type!r}; expected an autoencoder config")
-    return build_autoencoder(cfg.model.autoencoder, cfg.sample_rate)

@@ -2,7 +2,9 @@
 
 Backbones are looked up in two registries (conditioned and unconditional): SAT `type` string ->
 builder(diffusion_config, model_config) -> backbone module exposing `min_input_length`. Adding a
-backbone is one line. Builders check the JSON `config` block against the constructor's signature,
+backbone is one line. These registries are the one list of backbones (the config parser does not repeat
+it), and `sample_size` is checked against the built model's `min_input_length` (so on the meta device
+too), the one rule for it. Builders check the JSON `config` block against the constructor's signature,
 so an unknown argument is an error naming it (SAT forwards it silently through **kwargs).
 `model.cantus` options are passed as explicit arguments; they never live in the backbone block.
 """
@@ -89,10 +91,11 @@ def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
     d = cfg.model.diffusion
     backbone = _backbone(COND_BACKBONES, d, cfg, "model.diffusion.type")
     pretransform = _pretransform(cfg)
+    ratio = 1 if pretransform is None else pretransform.downsampling_ratio
+    _check_sample_size(cfg, ratio, backbone.min_input_length)
     conditioner = None
     if cfg.model.conditioning is not None:
         conditioner = create_multi_conditioner_from_conditioning_config(cfg.model.conditioning)
-    ratio = 1 if pretransform is None else pretransform.downsampling_ratio
     return ConditionedDiffusionModelWrapper(
         backbone, conditioner, io_channels=cfg.model.io_channels, sample_rate=cfg.sample_rate,
         min_input_length=ratio * backbone.min_input_length, diffusion_objective=d.diffusion_objective,
@@ -101,25 +104,40 @@ def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
         input_concat_ids=d.input_concat_ids, prepend_cond_ids=d.prepend_cond_ids)
 
 
+def _check_sample_size(cfg: ModelConfig, ratio: int, backbone_length: int) -> None:
+    """A training example must be a whole number of the model's minimum input length: the built pretransform's
+    ratio times the built backbone's (checked before the conditioners are built)."""
+    unit = ratio * backbone_length
+    if cfg.sample_size % unit:
+        raise ConfigError(f"sample_size={cfg.sample_size} must be a multiple of the model's minimum input length "
+                          f"{unit} (pretransform ratio {ratio} x backbone {backbone_length})")
+
+
 def _diffusion_uncond(cfg: ModelConfig) -> nn.Module:
     d = cfg.model.diffusion
     backbone = _backbone(UNCOND_BACKBONES, d, cfg, "model.type")
     pretransform = _pretransform(cfg)
     ratio = 1 if pretransform is None else pretransform.downsampling_ratio
+    _check_sample_size(cfg, ratio, backbone.min_input_length)
     return DiffusionModelWrapper(backbone, io_channels=backbone.io_channels, sample_size=cfg.sample_size,
                                  sample_rate=cfg.sample_rate, min_input_length=ratio * backbone.min_input_length,
                                  pretransform=pretransform, diffusion_objective="v")
 
 
-def _autoencoder(cfg: ModelConfig) -> nn.Module:
-    from pipeline.models.autoencoder import create_autoencoder_from_config
-    return create_autoencoder_from_config(cfg)
+def create_autoencoder_from_config(cfg: "ModelConfig | dict | str") -> nn.Module:
+    """Build the autoencoder of a `model_type: autoencoder` config (parsed, a dict, or a JSON path)."""
+    from pipeline.models.autoencoder import build_autoencoder
+    from pipeline.models.pretransforms import create_pretransform_from_config
+    cfg = load_model_config(cfg)
+    if cfg.model.autoencoder is None:
+        raise ConfigError(f"{cfg.source}: model_type={cfg.model_type!r}; expected an autoencoder config")
+    return build_autoencoder(cfg.model.autoencoder, cfg.sample_rate, build_pretransform=create_pretransform_from_config)
 
 
 MODEL_TYPES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "diffusion_cond": _diffusion_cond,
     "diffusion_uncond": _diffusion_uncond,
-    "autoencoder": _autoencoder,
+    "autoencoder": create_autoencoder_from_config,
 }
 
 

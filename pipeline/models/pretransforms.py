@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from pipeline.config import ConfigError, MissingPackageError, PretransformConfig
+from pipeline.models.autoencoder import build_autoencoder
 from pipeline.models.bottlenecks import VAEBottleneck, vae_mean_std
 
 
@@ -123,9 +124,8 @@ def create_pretransform_from_config(pretransform_config: PretransformConfig, sam
         raise MissingPackageError(f"{key_path}.type={c.type!r} is {NEEDS_PACKAGE[c.type]}; stable-audio-tools with "
                                   f"that package builds it, Cantus does not include it and builds {list(SUPPORTED)}")
     if c.type == "autoencoder":
-        from pipeline.models.autoencoder import build_autoencoder
-
-        model = build_autoencoder(c.autoencoder, sample_rate, f"{key_path}.config")
+        model = build_autoencoder(c.autoencoder, sample_rate, f"{key_path}.config",
+                                  build_pretransform=create_pretransform_from_config)
         if model.io_channels != audio_channels:
             raise ConfigError(f"{key_path}.config.io_channels={model.io_channels} differs from the model's "
                               f"audio_channels={audio_channels}")

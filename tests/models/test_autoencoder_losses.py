@@ -10,7 +10,7 @@ import scipy.signal
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.models.autoencoder import create_autoencoder_from_config
+from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.autoencoder_losses import (MultiResolutionSTFTLoss, SpectralLoss, a_weighting_fir,
                                                 autoencoder_step_losses, create_autoencoder_losses,
                                                 feature_matching, hinge_discriminator_loss)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.models.autoencoder import create_autoencoder_from_config
+from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.blocks import Snake1d
 from pipeline.models.dac import DACEncoderWrapper, DACResidualUnit
 

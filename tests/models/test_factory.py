@@ -43,6 +43,32 @@ def test_unsupported_backbone_type_lists_the_supported_ones(monkeypatch):
         create_model_from_config(tiny_config())
 
 
+def test_backbone_type_and_sample_size_are_checked_by_the_factory_on_the_meta_device():
+    """The factory's registry is the one list of backbones; the minimum input length is the built model's."""
+    wavenet = tiny_config(diffusion={"type": "wavenet"})
+    with torch.device("meta"), pytest.raises(ConfigError, match=r"model\.diffusion\.type='wavenet' is not a "
+                                                                r"supported backbone; supported: \['DAU1d', "):
+        create_model_from_config(wavenet)
+    odd = {**tiny_config(dit={"patch_size": 4}), "sample_size": 4098}
+    load_model_config(odd)  # the parser leaves this rule to the built model
+    with torch.device("meta"), pytest.raises(ConfigError, match=r"sample_size=4098 must be a multiple of the model's "
+                                                                r"minimum input length 4 \(pretransform ratio 1 x "
+                                                                r"backbone 4\)"):
+        create_model_from_config(odd)
+
+
+def test_dau1d_sample_size_follows_the_product_of_its_strides_not_its_depth():
+    """SAT's rule is the module's total stride; with strides of 4 that is more than 2 ** (depth - 1)."""
+    config = {"model_type": "diffusion_uncond", "sample_size": 2 ** 12, "sample_rate": 16000, "audio_channels": 1,
+              "model": {"type": "DAU1d", "config": {"io_channels": 1, "n_attn_layers": 0, "depth": 4,
+                                                    "channels": [8, 8, 8, 8], "strides": [4, 4, 4],
+                                                    "learned_resample": True}}}
+    with torch.device("meta"), pytest.raises(ConfigError, match=r"multiple of the model's minimum input length 64 "):
+        create_model_from_config({**config, "sample_size": 2 ** 3 * 3})
+    with torch.device("meta"):
+        assert create_model_from_config(config).min_input_length == 64
+
+
 @pytest.mark.parametrize("setting,expected", [(True, 2), (False, 0), (1, 1), (5, 2)])
 def test_cantus_checkpointing_reaches_the_transformer(setting, expected):
     model = create_model_from_config(tiny_config(cantus={"checkpointing": setting}))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.models.autoencoder import create_autoencoder_from_config
+from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.weights import (architecture_sha256, autoencoder_state_dict, load_autoencoder_weights,
                                      load_state_dict, safetensors_header, weights_sha256)
 
