@@ -42,7 +42,7 @@ from pipeline.distributed import checkpoint, env
 from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.ledger import RunOutputs, save_and_publish
-from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
+from pipeline.distributed.stop import EXIT_STOPPED, StopFlag, catch_early
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
 from pipeline.train_setup import (check_pretransform, drop_staged, exit_code_for, export_tensors_fn, load_pretrained,
                                   local_copy, log_plan, mean_over_ranks, output_lease, remove_scratch, scratch_dir,
@@ -120,6 +120,7 @@ def read_data(url: str) -> tuple[manifest.Manifest, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    catch_early()  # a stop signal before the loop starts is kept for it, not fatal
     denv = env.detect(local_rank_arg=args.local_rank)
     env.init_logging(denv.rank)
     cfg = load_model_config(args.model_config)

@@ -229,7 +229,7 @@ def test_a_config_embedded_in_a_checkpoint_never_imports_a_module(setup, tmp_pat
         "render": ["-m", "pipeline.render", "run", "--checkpoints", h["path"], "--prompts", str(prompts),
                    "--output", str(tmp_path / "render"), "--steps", "2"],
         "probe": ["-m", "pipeline.probe", "--checkpoint", h["path"], "--data", setup["data"], "--num-clips", "2",
-                  "--num-generate", "0"],
+                  "--num-prompts", "0"],
         "export": ["-m", "pipeline.export", "--checkpoint", h["path"], "--out", str(tmp_path / "x.safetensors")],
     }
     for name, argv in commands.items():

@@ -32,12 +32,29 @@ def request_stop(reason: str, *, save: bool = True) -> None:
         _requests.append((reason, save))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_early: list[int] = []
+_original: dict[int, object] = {}
+
+
+def catch_early(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """From the first line of `main`: a stop signal during set-up (a DeepSpeed op build, a large checkpoint
+    load: minutes) is remembered for the `StopFlag` that the loop creates later, instead of killing the
+    process with no checkpoint and an exit code SLURM cannot requeue on."""
+    for s in signals:
+        _original.setdefault(s, signal.signal(s, lambda signum, frame: _early.append(signum)))
+
+
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
-        self.received: int | None = None
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+        self.received: int | None = _early[-1] if _early else None  # a signal during set-up counts
+        _early.clear()
         self.may_save = True
         """False once any rank was asked to stop without a checkpoint."""
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._previous = {}
+        for s in signals:
+            previous = signal.signal(s, self._handle)
+            self._previous[s] = _original.pop(s, previous)  # restore() goes back to what was there first
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signum  # logging from a signal handler can deadlock; the loop logs it
@@ -56,8 +73,9 @@ class StopFlag:
         flag = torch.tensor([level], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.may_save = self.may_save and flag.item() < 2
-        return bool(flag.item() > 0)
+        level = flag.item()  # one host sync per call
+        self.may_save = self.may_save and level < 2
+        return level > 0
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

@@ -14,3 +14,24 @@ def test_a_signal_sets_the_stop_flag_and_handlers_are_restored():
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGUSR1) is before and EXIT_STOPPED == 75
+
+
+def test_a_signal_before_the_loop_starts_is_kept_for_the_stop_flag():
+    """A SIGUSR1 during set-up (between `catch_early` and the loop's StopFlag) neither kills the process nor
+    is lost; the handlers in place before set-up come back at the end."""
+    import os
+    import signal
+
+    from pipeline.distributed.stop import StopFlag, catch_early
+    before = signal.getsignal(signal.SIGUSR1)
+    catch_early()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    flag = StopFlag()
+    try:
+        assert flag.received == signal.SIGUSR1 and flag.should_stop()
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    again = StopFlag()
+    again.restore()
+    assert again.received is None  # remembered once, for the one loop
