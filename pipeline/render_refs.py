@@ -8,14 +8,12 @@ sound, so a listener compares like with like. Files: ``<out>/references/<prompt-
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError
 from pipeline.report.clips import clip_files
 from pipeline.report.page import Reference
 
@@ -42,30 +40,13 @@ def nearest(prompt: dict, clips: list[dict], n: int) -> list[int]:
     return order[:n]
 
 
-def read_listing(url: str) -> list[dict]:
-    """The rows of ``<url>/metadata.jsonl`` (each with a ``path`` relative to ``url``)."""
-    listing = storage.join(url, "metadata.jsonl")
-    rows = []
-    for n, line in enumerate(storage.read_bytes(listing).decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{listing}: line {n} is not JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-            raise ConfigError(f"{listing}: line {n} needs a 'path' (relative to {url})")
-        rows.append(row)
-    return rows
-
-
 def write_references(output: str, prompts: dict[str, dict], reference: str, per_prompt: int, model, cfg,
                      device: str) -> list[Reference]:
     """Write each prompt's nearest reference clips (through ``model``'s pretransform when it has one)
     below ``<output>/references/`` and return them for the page."""
     from pipeline.data.audio import decode
     from pipeline.probe import through_pretransform
-    from pipeline.report.scores import Clip
+    from pipeline.report.scores import Clip, read_listing
 
     rows = read_listing(reference)
     out = []

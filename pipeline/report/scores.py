@@ -212,28 +212,37 @@ class Clip:
     instrument: str | None
 
 
-def read_reference(url: str, limit: int) -> list[Clip]:
-    """Up to ``limit`` real clips listed in ``<url>/metadata.jsonl`` (``path`` relative to ``url``,
-    ``key``, ``instrument``: the demo dataset's layout, `tools/make_demo_dataset.py`)."""
+def read_listing(url: str, limit: int | None = None) -> list[dict]:
+    """Up to ``limit`` rows of ``<url>/metadata.jsonl``, each with a ``path`` relative to ``url`` (the demo
+    dataset's layout, `tools/make_demo_dataset.py`: also ``prompt``, ``key``, ``instrument``, ...)."""
     import json
 
     from pipeline import storage
-    from pipeline.data.audio import decode
     listing = storage.join(url, "metadata.jsonl")
-    clips = []
+    rows = []
     for n, line in enumerate(storage.read_bytes(listing).decode("utf-8").splitlines(), 1):
-        if len(clips) >= limit:
+        if limit is not None and len(rows) >= limit:
             break
         if not line.strip():
             continue
         try:
-            meta = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{listing}: line {n} is not JSON ({e})") from None
-        if not isinstance(meta, dict) or "path" not in meta:
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
             raise ValueError(f"{listing}: line {n} needs a 'path' (relative to {url})")
-        audio, sample_rate = decode(storage.read_bytes(storage.join(url, meta["path"])))
-        clips.append(Clip(audio, sample_rate, meta.get("key"), meta.get("instrument")))
+        rows.append(row)
+    return rows
+
+
+def read_reference(url: str, limit: int) -> list[Clip]:
+    """Up to ``limit`` real clips of ``<url>/metadata.jsonl`` with their ``key`` and ``instrument``."""
+    from pipeline import storage
+    from pipeline.data.audio import decode
+    clips = []
+    for row in read_listing(url, limit):
+        audio, sample_rate = decode(storage.read_bytes(storage.join(url, row["path"])))
+        clips.append(Clip(audio, sample_rate, row.get("key"), row.get("instrument")))
     return clips
 
 
