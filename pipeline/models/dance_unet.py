@@ -318,6 +318,8 @@ class DAU1DUncond(DiffusionAttnUnet1D):
     """`DAU1d` in diffusion_uncond. SAT uses the network itself as the backbone (keys `model.net...`), so this
     subclass only adapts the call: the training loop's CFG arguments have nothing to act on."""
 
+    accepts = frozenset()
+
     def forward(  # type: ignore[override]
         self,
         x: torch.Tensor,
@@ -326,6 +328,11 @@ class DAU1DUncond(DiffusionAttnUnet1D):
         cfg_dropout_prob: float = 0.0,
         cfg_scale: float = 1.0,
     ) -> torch.Tensor:
+        return self.predict(x, t, Conditioning(), Guidance(), mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The typed call, as every backbone wrapper's (no conditioning, nothing to guide)."""
         if mask is not None:
             raise ValueError("DAU1d has no padding mask: set training.mask_padding to false")
         return super().forward(x, t)

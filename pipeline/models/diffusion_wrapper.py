@@ -80,7 +80,13 @@ class DiTUncondWrapper(nn.Module):
         self.min_input_length = model.patch_size
         halve_parameters(self.model)  # SAT halves every initial weight of its unconditional models
 
+    accepts = frozenset()
+
     def forward(self, x, t, mask=None, cfg_dropout_prob: float = 0.0, cfg_scale: float = 1.0):
+        return self.model(x, t, mask=mask)
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        """No conditioning, so nothing to guide: the network's plain pass."""
         return self.model(x, t, mask=mask)
 
 
@@ -100,6 +106,12 @@ class DiffusionModelWrapper(nn.Module):
 
     def get_conditioning_inputs(self, conditioning_tensors=None, negative: bool = False) -> dict:
         return {}
+
+    def route(self, conditioning_tensors=None, negative_tensors=None) -> Conditioning:
+        return Conditioning()
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        return self.model.predict(x, t, cond, guidance, mask=mask)
 
     def forward(self, x, t, cond=None, **kwargs):
         return self.model(x, t, **kwargs)

@@ -519,6 +519,8 @@ class UNet1DCondWrapper(nn.Module):
 class UNet1DUncondWrapper(nn.Module):
     """`adp_uncond_1d` (SAT's name) and `adp_1d` (the docs' name) in diffusion_uncond."""
 
+    accepts = frozenset()
+
     def __init__(self, in_channels: int, **config) -> None:
         super().__init__()
         self.model = UNet1d(in_channels=in_channels, **config)
@@ -535,7 +537,11 @@ class UNet1DUncondWrapper(nn.Module):
         cfg_scale: float = 1.0,
     ) -> torch.Tensor:
         """The CFG arguments are accepted (the training loop sends them) and have nothing to act on."""
-        _reject_unsupported("adp_uncond_1d", Guidance(), mask)
+        return self.predict(x, t, Conditioning(), Guidance(), mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        _reject_unsupported("adp_uncond_1d", guidance, mask)
         return self.model(x, t)
 
 

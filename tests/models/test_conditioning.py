@@ -95,3 +95,14 @@ def test_a_unet_refuses_a_cfg_interval_and_a_padding_mask_on_the_typed_path():
         model.predict(X, TS, routed, Guidance(interval=(0.2, 0.8)))
     with pytest.raises(ValueError, match="has no padding mask"):
         model.predict(X, TS, routed, Guidance(), mask=torch.ones(B, T, dtype=torch.bool))
+
+
+def test_the_unconditional_backbones_take_the_same_typed_call():
+    from pipeline.models.dance_unet import DAU1DUncond
+    from pipeline.models.unet1d import UNet1DUncondWrapper
+    torch.manual_seed(0)
+    for model in (UNet1DUncondWrapper(**UNET), DAU1DUncond(io_channels=C, depth=3, n_attn_layers=0,
+                                                           channels=[8, 16, 16])):
+        assert model.accepts == frozenset()
+        with torch.no_grad():
+            torch.testing.assert_close(model.predict(X, TS, Conditioning(), Guidance()), model(X, TS), rtol=0, atol=0)
