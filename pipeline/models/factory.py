@@ -18,7 +18,8 @@ from torch import nn
 
 from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
 from pipeline.models.conditioning import check_config_routes
-from pipeline.models.conditioners import check_kwargs, create_multi_conditioner_from_conditioning_config
+from pipeline.models.arguments import check_arguments
+from pipeline.models.conditioners import create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
                                                DiTUncondWrapper, DiTWrapper)
 from pipeline.models.compile import compile_blocks
@@ -34,7 +35,7 @@ _CANTUS_ARGS = ("attention_masks", "checkpointing", "attention_backend", "diffus
 
 def _checked(cls, config: dict, key_path: str, reserved=()) -> dict:
     try:
-        check_kwargs(cls, config, key_path, reserved=reserved)
+        check_arguments(config, key_path, cls.__name__, [cls.__init__], reserved=reserved, required=False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return dict(config)

@@ -15,7 +15,6 @@ Conditioning, per the router's names:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.diffusion.cfg import Guidance, apply_cfg
+from pipeline.models.arguments import check_arguments
 from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d_blocks import (
@@ -551,21 +551,14 @@ class UNet1DUncondWrapper(nn.Module):
 
 
 def construct_checked(cls: type, config: dict, key_path: str, accepted: Sequence) -> nn.Module:
-    """`cls(**config)` after checking the keys against the named arguments of `accepted` (callables whose
-    signatures together make up what `cls` takes), so a typo or a missing key is an error naming it."""
+    """`cls(**config)` after `check_arguments` against `accepted` (callables whose signatures together make
+    up what `cls` takes)."""
     from pipeline.config import ConfigError  # imported here: model code stays usable without the config layer
 
-    known: dict[str, bool] = {}
-    for fn in accepted:
-        for name, p in inspect.signature(fn).parameters.items():
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                known[name] = known.get(name, False) or p.default is p.empty
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ConfigError(f"{key_path}: unknown argument(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    missing = sorted(n for n, required in known.items() if required and n not in config)
-    if missing:
-        raise ConfigError(f"{key_path}: {cls.__name__} needs {missing}")
+    try:
+        check_arguments(config, key_path, cls.__name__, accepted)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cls(**config)
 
 
