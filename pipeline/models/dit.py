@@ -4,7 +4,8 @@ x (B, C, T) and t (B,) in, the model output (B, C, T) out. Timestep features (Fo
 through a 2-layer MLP and are added to the projected global conditioning; with
 `global_cond_type="prepend"` (SAO) that sum becomes one prepended token, with `"adaLN"` it modulates
 every block. Classifier-free guidance runs conditioned and unconditioned rows in one batched forward
-(`forward`), the network itself is `_forward`.
+(`predict`, combined by `pipeline.diffusion.cfg.apply_cfg`; SAT's keyword `forward` adapts onto it), the
+network itself is `_forward`.
 
 Where we differ from SAT (both off by default, so an SAT config behaves exactly as in SAT):
 - `attention_masks=True` honours the input padding `mask` and the positive cross-attention mask;
