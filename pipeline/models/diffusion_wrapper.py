@@ -6,8 +6,9 @@ e.g. `DiTWrapper`, whose `.model` is the `DiffusionTransformer`), `.conditioner`
 `conditioner.conditioners...`, `pretransform.model...` exactly as in SAT checkpoints.
 
 Routing (`route`, a typed `Conditioning`; SAT's `get_conditioning_inputs` is its keyword dict): cross-attention
-ids are concatenated along the sequence (a 2-D (B, C) tensor becomes one token), global ids along channels (first element of each), prepend ids
-along the sequence, input-concat ids along channels (the backbone resamples them to the input length).
+ids are concatenated along the sequence (a 2-D (B, C) tensor becomes one token), global ids along channels
+(first element of each), prepend ids along the sequence, input-concat ids along channels (the backbone
+resamples them to the input length).
 Masks travel with their tokens. Every backbone adapter takes `predict(x, t, cond, guidance)` and keeps SAT's
 keyword `forward` as a thin adapter onto it (see `pipeline/models/conditioning.py`).
 """
