@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.diffusion import create_distribution_shift, create_sampler
+from pipeline.diffusion import Guidance, create_distribution_shift, create_objective, create_sampler
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,17 +123,19 @@ def _guided_model_fn(model, metadata, negative_metadata, cfg_scale, scale_phi, c
         return uncond_fn
 
     with torch.no_grad(), _autocast(device, dtype):
-        cond = model.conditioner([dict(m) for m in metadata], device)
-        negative = {}
+        cond_tensors = model.conditioner([dict(m) for m in metadata], device)
+        negative_tensors = None
         if negative_metadata is not None:
-            negative_cond = model.conditioner([dict(m) for m in negative_metadata], device)
-            negative = model.get_conditioning_inputs(negative_cond, negative=True)
+            negative_tensors = model.conditioner([dict(m) for m in negative_metadata], device)
+        cond = model.route(cond_tensors, negative_tensors)
+    # Batched and rescaled as SAT's generation asks (its U-Net wrappers default both off); the CFG interval is
+    # placed on the noise level of the model's objective.
+    guidance = Guidance(scale=cfg_scale, batch=True, scale_phi=scale_phi, interval=tuple(cfg_interval),
+                        sigma=create_objective(model.diffusion_objective).sigma)
 
     def cond_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with _autocast(device, dtype):
-            # batch_cfg and rescale_cfg as SAT's generation passes them (its wrappers default both to False)
-            return model(x, t, cond, cfg_scale=cfg_scale, batch_cfg=True, rescale_cfg=True, scale_phi=scale_phi,
-                         cfg_interval=cfg_interval, **negative).float()
+            return model.predict(x, t, cond, guidance).float()
     return cond_fn
 
 

@@ -21,7 +21,7 @@ How a train step uses it (``cfg`` a ``pipeline.config.ModelConfig``; each factor
 
 and a demo or render: ``create_sampler(name_or_None, objective)(model_fn, noise, steps, generator=g, ...)``.
 """
-from pipeline.diffusion.cfg import apply_cfg
+from pipeline.diffusion.cfg import Guidance, apply_cfg, guide
 from pipeline.diffusion.ema import EMA
 from pipeline.diffusion.losses import DiffusionLoss, LossOutput, LossTerm
 from pipeline.diffusion.objectives import (Objective, RectifiedFlowObjective, VObjective,
@@ -35,8 +35,8 @@ from pipeline.diffusion.timesteps import (DistributionShift, TimestepSampler, cr
                                           create_timestep_sampler)
 
 __all__ = [
-    "EMA", "SAMPLERS", "DiffusionLoss", "DistributionShift", "InverseLR", "LossOutput", "LossTerm",
-    "Objective", "RectifiedFlowObjective", "Sampler", "TimestepSampler", "VObjective", "apply_cfg",
+    "EMA", "SAMPLERS", "DiffusionLoss", "DistributionShift", "Guidance", "InverseLR", "LossOutput", "LossTerm",
+    "Objective", "RectifiedFlowObjective", "Sampler", "TimestepSampler", "VObjective", "apply_cfg", "guide",
     "create_distribution_shift", "create_objective", "create_optimizer", "create_optimizer_and_scheduler",
     "create_sampler", "create_scheduler", "create_timestep_sampler", "karras_sigmas", "linear_timesteps",
     "polyexponential_sigmas", "rf_logsnr_timesteps", "sigma_to_t", "t_to_sigma",

@@ -53,6 +53,10 @@ class Objective(abc.ABC):
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha(t), sigma(t))`` with the shape of ``t``."""
 
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise level ``sigma(t)`` (what SAT's DiT places its CFG interval on)."""
+        return self.alpha_sigma(t)[1]
+
     def noise(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """``x_t = alpha * x + sigma * noise``."""
         alpha, sigma = (expand_like(c, x) for c in self.alpha_sigma(t))

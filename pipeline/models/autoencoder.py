@@ -7,7 +7,6 @@ Module and parameter names follow SAT's `models/autoencoders.py`, so SAT checkpo
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import AutoencoderConfig, ConfigError, MissingPackageError, ModuleConfig, PretransformConfig
+from pipeline.models.arguments import check_arguments
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck
 from pipeline.models.dac import DACDecoderWrapper, DACEncoderWrapper
@@ -258,14 +258,10 @@ def _build_module(registry: dict, spec: ModuleConfig, key_path: str) -> nn.Modul
     if spec.type not in registry:
         raise ConfigError(f"{key_path}.type={spec.type!r} is not supported; supported: {sorted(registry)}")
     cls = registry[spec.type]
-    params = inspect.signature(cls).parameters
-    accepted = list(params)
-    unknown = sorted(set(spec.config) - set(accepted))
-    if unknown:
-        raise ConfigError(f"{key_path}.config: unknown argument(s) {unknown} for {spec.type!r}; accepted: {accepted}")
-    missing = [name for name, p in params.items() if p.default is p.empty and name not in spec.config]
-    if missing:
-        raise ConfigError(f"{key_path}.config: {spec.type!r} needs {missing}")
+    try:
+        check_arguments(spec.config, f"{key_path}.config", repr(spec.type), [cls])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         module = cls(**spec.config)
     except ValueError as e:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import importlib
-import inspect
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TEXT_MODEL_PACKAGES, MissingPackageError
+from pipeline.models.arguments import check_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -344,16 +344,6 @@ class MultiConditioner(nn.Module):
         return output
 
 
-def check_kwargs(cls, kwargs: dict, key_path: str, reserved=()) -> None:
-    """Raise a ValueError naming any key of `kwargs` that `cls.__init__` does not take."""
-    params = inspect.signature(cls.__init__).parameters
-    known = [n for n, p in params.items() if n != "self" and n not in reserved
-             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    unknown = [k for k in kwargs if k not in known]
-    if unknown:
-        raise ValueError(f"{key_path}: unknown argument(s) {unknown} for {cls.__name__}; known: {known}")
-
-
 def create_multi_conditioner_from_conditioning_config(conditioning) -> MultiConditioner:
     """Build a MultiConditioner from a typed `ConditioningConfig` (pipeline.config)."""
     conditioners = {}
@@ -362,7 +352,7 @@ def create_multi_conditioner_from_conditioning_config(conditioning) -> MultiCond
         if c.type not in CONDITIONERS:
             raise ValueError(f"{key_path}.type={c.type!r} is not supported; known: {sorted(CONDITIONERS)}")
         cls = CONDITIONERS[c.type]
-        check_kwargs(cls, c.config, f"{key_path}.config")
+        check_arguments(c.config, f"{key_path}.config", cls.__name__, [cls.__init__], required=False)
         try:
             conditioners[c.id] = cls(**{"output_dim": conditioning.cond_dim, **c.config})
         except MissingPackageError:

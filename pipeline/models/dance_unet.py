@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.diffusion.cfg import Guidance
 from pipeline.models.blocks import Snake1d
+from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d import construct_checked
 
@@ -316,6 +318,8 @@ class DAU1DUncond(DiffusionAttnUnet1D):
     """`DAU1d` in diffusion_uncond. SAT uses the network itself as the backbone (keys `model.net...`), so this
     subclass only adapts the call: the training loop's CFG arguments have nothing to act on."""
 
+    accepts = frozenset()
+
     def forward(  # type: ignore[override]
         self,
         x: torch.Tensor,
@@ -324,6 +328,11 @@ class DAU1DUncond(DiffusionAttnUnet1D):
         cfg_dropout_prob: float = 0.0,
         cfg_scale: float = 1.0,
     ) -> torch.Tensor:
+        return self.predict(x, t, Conditioning(), Guidance(), mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The typed call, as every backbone wrapper's (no conditioning, nothing to guide)."""
         if mask is not None:
             raise ValueError("DAU1d has no padding mask: set training.mask_padding to false")
         return super().forward(x, t)
@@ -338,10 +347,7 @@ class DAU1DCondWrapper(nn.Module):
     channels + global features, so the parameter layout is SAT's. Like SAT, no guidance (no null condition).
     """
 
-    supports_cross_attention = False
-    supports_global_cond = True
-    supports_input_concat = True
-    supports_prepend_cond = False
+    accepts = frozenset({"global_cond_ids", "input_concat_ids"})
 
     def __init__(self, **config) -> None:
         super().__init__()
@@ -372,24 +378,30 @@ class DAU1DCondWrapper(nn.Module):
         mask: torch.Tensor | None = None,
         cond_aug_scale: float | None = None,
     ) -> torch.Tensor:
-        if cross_attn_cond is not None or prepend_cond is not None:
-            raise ValueError(
-                "DAU1d has no cross-attention or prepend conditioning: route its conditioners through "
-                "input_concat_ids or global_cond_ids"
-            )
+        """SAT's keyword call, onto `predict` (no guidance: the guidance settings are ignored)."""
+        cond = Conditioning.from_sat(cross_attn_cond, cross_attn_mask, negative_cross_attn_cond,
+                                     negative_cross_attn_mask, input_concat_cond, negative_input_concat_cond,
+                                     global_cond, negative_global_cond, prepend_cond, prepend_cond_mask,
+                                     cond_aug_scale=cond_aug_scale)
+        cond.check_routes(self.accepts, "DAU1d")
+        return self.predict(x, t, cond, Guidance(scale=cfg_scale, dropout_prob=cfg_dropout_prob), mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
             raise ValueError("DAU1d has no padding mask: set training.mask_padding to false")
         conds = []
-        if input_concat_cond is not None:
+        if cond.input_concat is not None:
+            input_concat_cond = cond.input_concat
             if input_concat_cond.shape[2] != x.shape[2]:
                 input_concat_cond = F.interpolate(
                     input_concat_cond, (x.shape[2],), mode="linear", align_corners=False
                 )
             conds.append(input_concat_cond)
-        if global_cond is not None:
-            conds.append(expand_to_planes(global_cond.reshape(global_cond.shape[0], -1), x.shape[2]))
-        cond = torch.cat(conds, dim=1) if conds else None
-        return self.model(x, t, cond=cond, cond_aug_scale=cond_aug_scale)
+        if cond.global_cond is not None:
+            conds.append(expand_to_planes(cond.global_cond.reshape(cond.global_cond.shape[0], -1), x.shape[2]))
+        joined = torch.cat(conds, dim=1) if conds else None
+        return self.model(x, t, cond=joined, cond_aug_scale=cond.cond_aug_scale)
 
 
 def sample_generator_state_dict(

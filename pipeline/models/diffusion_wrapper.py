@@ -5,10 +5,12 @@ e.g. `DiTWrapper`, whose `.model` is the `DiffusionTransformer`), `.conditioner`
 `MultiConditioner`) and `.pretransform`, so the state dict reads `model.model.transformer...`,
 `conditioner.conditioners...`, `pretransform.model...` exactly as in SAT checkpoints.
 
-Routing (SAT's `get_conditioning_inputs`): cross-attention ids are concatenated along the sequence
-(a 2-D (B, C) tensor becomes one token), global ids along channels (first element of each), prepend ids
-along the sequence, input-concat ids along channels (the backbone resamples them to the input length).
-Masks travel with their tokens.
+Routing (`route`, a typed `Conditioning`; SAT's `get_conditioning_inputs` is its keyword dict): cross-attention
+ids are concatenated along the sequence (a 2-D (B, C) tensor becomes one token), global ids along channels
+(first element of each), prepend ids along the sequence, input-concat ids along channels (the backbone
+resamples them to the input length).
+Masks travel with their tokens. Every backbone adapter takes `predict(x, t, cond, guidance)` and keeps SAT's
+keyword `forward` as a thin adapter onto it (see `pipeline/models/conditioning.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.diffusion.cfg import Guidance
+from pipeline.models.conditioning import ROUTES, Conditioning
 from pipeline.models.dit import DiffusionTransformer
 
 
@@ -36,7 +40,9 @@ def halve_parameters(module: nn.Module) -> None:
 
 
 class DiTWrapper(nn.Module):
-    """Adapter from the router's argument names to the DiT's (SAT's `DiTWrapper`)."""
+    """Adapter from the router's conditioning to the DiT's (SAT's `DiTWrapper`): every route."""
+
+    accepts = frozenset(ROUTES)
 
     def __init__(self, model: DiffusionTransformer):
         super().__init__()
@@ -49,18 +55,21 @@ class DiTWrapper(nn.Module):
                 global_cond=None, negative_global_cond=None, prepend_cond=None, prepend_cond_mask=None,
                 cfg_scale: float = 1.0, cfg_dropout_prob: float = 0.0, batch_cfg: bool = True,
                 rescale_cfg: bool = False, scale_phi: float = 0.0, cfg_interval=(0.0, 1.0), mask=None):
-        """`batch_cfg` must stay True (the DiT guides in one batched pass, as SAT asserts); `rescale_cfg` is
-        accepted and unused, as in SAT: the DiT's rescale amount is `scale_phi` (0 turns it off)."""
-        if not batch_cfg:
+        """SAT's keyword call, onto `predict`. `batch_cfg` must stay True (the DiT guides cond and uncond in one
+        batched pass, as SAT asserts); `rescale_cfg` is accepted and unused, as in SAT: the DiT's rescale
+        amount is `scale_phi` (0 turns it off)."""
+        cond = Conditioning.from_sat(cross_attn_cond, cross_attn_mask, negative_cross_attn_cond,
+                                     negative_cross_attn_mask, input_concat_cond, negative_input_concat_cond,
+                                     global_cond, negative_global_cond, prepend_cond, prepend_cond_mask)
+        guidance = Guidance(scale=cfg_scale, dropout_prob=cfg_dropout_prob, batch=batch_cfg, scale_phi=scale_phi,
+                            interval=tuple(cfg_interval), sigma=self.model.objective.sigma)
+        return self.predict(x, t, cond, guidance, mask=mask)
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        if not guidance.batch:
             raise ValueError("batch_cfg=False: the DiT guides cond and uncond in one batched pass only "
                              "(as SAT's DiTWrapper); pass batch_cfg=True or leave it out")
-        # SAT passes neither negative_global_cond nor negative_input_concat_cond to the DiT.
-        return self.model(x, t, cross_attn_cond=cross_attn_cond, cross_attn_cond_mask=cross_attn_mask,
-                          negative_cross_attn_cond=negative_cross_attn_cond,
-                          negative_cross_attn_mask=negative_cross_attn_mask, input_concat_cond=input_concat_cond,
-                          global_embed=global_cond, prepend_cond=prepend_cond, prepend_cond_mask=prepend_cond_mask,
-                          cfg_scale=cfg_scale, cfg_dropout_prob=cfg_dropout_prob, cfg_interval=cfg_interval,
-                          scale_phi=scale_phi, mask=mask)
+        return self.model.predict(x, t, cond, guidance, mask=mask)
 
 
 class DiTUncondWrapper(nn.Module):
@@ -73,7 +82,13 @@ class DiTUncondWrapper(nn.Module):
         self.min_input_length = model.patch_size
         halve_parameters(self.model)  # SAT halves every initial weight of its unconditional models
 
+    accepts = frozenset()
+
     def forward(self, x, t, mask=None, cfg_dropout_prob: float = 0.0, cfg_scale: float = 1.0):
+        return self.model(x, t, mask=mask)
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        """No conditioning, so nothing to guide: the network's plain pass."""
         return self.model(x, t, mask=mask)
 
 
@@ -93,6 +108,12 @@ class DiffusionModelWrapper(nn.Module):
 
     def get_conditioning_inputs(self, conditioning_tensors=None, negative: bool = False) -> dict:
         return {}
+
+    def route(self, conditioning_tensors=None, negative_tensors=None) -> Conditioning:
+        return Conditioning()
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        return self.model.predict(x, t, cond, guidance, mask=mask)
 
     def forward(self, x, t, cond=None, **kwargs):
         return self.model(x, t, **kwargs)
@@ -124,8 +145,8 @@ class ConditionedDiffusionModelWrapper(nn.Module):
                 f"cond[{key!r}] = [tensor, mask]")
         return cond[key]
 
-    def get_conditioning_inputs(self, conditioning_tensors: dict, negative: bool = False) -> dict:
-        """Route {id: [tensor, mask]} to the backbone's keyword arguments (SAT's names)."""
+    def route(self, conditioning_tensors: dict, negative_tensors: dict | None = None) -> Conditioning:
+        """{id: [tensor, mask]} (and a negative prompt's) -> the backbone's `Conditioning`."""
         cond = conditioning_tensors
         cross, cross_mask, global_cond, concat, prepend, prepend_mask = None, None, None, None, None, None
         if self.cross_attn_cond_ids:
@@ -156,11 +177,20 @@ class ConditionedDiffusionModelWrapper(nn.Module):
                 masks.append(torch.ones(emb.shape[:2], device=emb.device) if mask is None else mask)
             prepend = torch.cat(tokens, dim=1)
             prepend_mask = torch.cat(masks, dim=1)
-        if negative:
-            return {"negative_cross_attn_cond": cross, "negative_cross_attn_mask": cross_mask,
-                    "negative_global_cond": global_cond, "negative_input_concat_cond": concat}
-        return {"cross_attn_cond": cross, "cross_attn_mask": cross_mask, "global_cond": global_cond,
-                "input_concat_cond": concat, "prepend_cond": prepend, "prepend_cond_mask": prepend_mask}
+        routed = Conditioning(cross_attn=cross, cross_attn_mask=cross_mask, global_cond=global_cond,
+                              input_concat=concat, prepend=prepend, prepend_mask=prepend_mask)
+        return routed if negative_tensors is None else routed.with_negative(self.route(negative_tensors))
+
+    def get_conditioning_inputs(self, conditioning_tensors: dict, negative: bool = False) -> dict:
+        """SAT's keyword dict of `route` (SAT's `get_conditioning_inputs`): the positive routes, or
+        (``negative``) the negative_* arguments."""
+        return self.route(conditioning_tensors).to_sat(negative)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The typed call: routed conditioning and guidance settings."""
+        return self.model.predict(x, t, cond, guidance, mask=mask)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        """SAT's call: conditioning tensors and the backbone's SAT keywords (its own defaults)."""
         return self.model(x, t, **self.get_conditioning_inputs(cond), **kwargs)

@@ -4,7 +4,8 @@ x (B, C, T) and t (B,) in, the model output (B, C, T) out. Timestep features (Fo
 through a 2-layer MLP and are added to the projected global conditioning; with
 `global_cond_type="prepend"` (SAO) that sum becomes one prepended token, with `"adaLN"` it modulates
 every block. Classifier-free guidance runs conditioned and unconditioned rows in one batched forward
-(`forward`), the network itself is `_forward`.
+(`predict`, combined by `pipeline.diffusion.cfg.apply_cfg`; SAT's keyword `forward` adapts onto it), the
+network itself is `_forward`.
 
 Where we differ from SAT (both off by default, so an SAT config behaves exactly as in SAT):
 - `attention_masks=True` honours the input padding `mask` and the positive cross-attention mask;
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from pipeline.diffusion.cfg import Guidance, guide
+from pipeline.diffusion.objectives import create_objective
+from pipeline.models.conditioning import Conditioning
 from pipeline.models.transformer import ContinuousTransformer
 
 TRANSFORMER_TYPES = ("continuous_transformer", "x-transformers")
@@ -71,6 +75,8 @@ class DiffusionTransformer(nn.Module):
         self.transformer_type, self.global_cond_type = transformer_type, global_cond_type
         self.timestep_cond_type, self.diffusion_objective = timestep_cond_type, diffusion_objective
         self.attention_masks = attention_masks
+        # The objective's noise level places the CFG interval (a plain object: nothing in the state dict).
+        self.objective = create_objective(diffusion_objective, "model.diffusion.diffusion_objective")
 
         self.timestep_features = FourierFeatures(1, TIMESTEP_FEATURES)
         if timestep_cond_type == "global":
@@ -198,22 +204,34 @@ class DiffusionTransformer(nn.Module):
                 negative_global_embed=None, prepend_cond=None, prepend_cond_mask=None,
                 cfg_scale: float = 1.0, cfg_dropout_prob: float = 0.0, cfg_interval=(0.0, 1.0),
                 scale_phi: float = 0.0, mask=None):
-        """CFG dropout (training), batched CFG (sampling) or a plain pass.
+        """SAT's keyword call, onto `predict`; the CFG interval is placed on this model's objective's sigma.
 
         negative_global_embed is accepted and ignored, as in SAT (global conditioning is duplicated)."""
+        cond = Conditioning(cross_attn=cross_attn_cond, cross_attn_mask=cross_attn_cond_mask,
+                            global_cond=global_embed, input_concat=input_concat_cond, prepend=prepend_cond,
+                            prepend_mask=prepend_cond_mask, negative_cross_attn=negative_cross_attn_cond,
+                            negative_cross_attn_mask=negative_cross_attn_mask)
+        guidance = Guidance(scale=cfg_scale, dropout_prob=cfg_dropout_prob, batch=True, scale_phi=scale_phi,
+                            interval=tuple(cfg_interval), sigma=self.objective.sigma)
+        return self.predict(x, t, cond, guidance, mask=mask)
+
+    def predict(self, x, t, cond: Conditioning, guidance: Guidance, mask=None):
+        """CFG dropout (training), batched CFG (sampling) or a plain pass. Negative global and input-concat
+        conditioning are not used, as in SAT (the unconditioned rows see the same)."""
         dtype = next(self.parameters()).dtype
         x, t = x.to(dtype), t.to(dtype)
         cross_attn_cond, negative_cross_attn_cond, input_concat_cond, global_embed, prepend_cond = (
             None if v is None else v.to(dtype)
-            for v in (cross_attn_cond, negative_cross_attn_cond, input_concat_cond, global_embed, prepend_cond))
+            for v in (cond.cross_attn, cond.negative_cross_attn, cond.input_concat, cond.global_cond, cond.prepend))
         cross_attn_cond_mask, prepend_cond_mask, mask = (
-            None if m is None else m.bool() for m in (cross_attn_cond_mask, prepend_cond_mask, mask))
+            None if m is None else m.bool() for m in (cond.cross_attn_mask, cond.prepend_mask, mask))
+        negative_cross_attn_mask = cond.negative_cross_attn_mask
 
-        if cfg_dropout_prob > 0.0 and cfg_scale == 1.0:
-            cross_attn_cond = _drop_rows(cross_attn_cond, cfg_dropout_prob)
-            prepend_cond = _drop_rows(prepend_cond, cfg_dropout_prob)
+        if guidance.dropout_prob > 0.0 and guidance.scale == 1.0:
+            cross_attn_cond = _drop_rows(cross_attn_cond, guidance.dropout_prob)
+            prepend_cond = _drop_rows(prepend_cond, guidance.dropout_prob)
 
-        guided = cfg_scale != 1.0 and (cross_attn_cond is not None or prepend_cond is not None)
+        guided = guidance.scale != 1.0 and (cross_attn_cond is not None or prepend_cond is not None)
         if not guided:
             return self._forward(x, t, mask=mask, cross_attn_cond=cross_attn_cond,
                                  cross_attn_cond_mask=cross_attn_cond_mask, input_concat_cond=input_concat_cond,
@@ -247,20 +265,9 @@ class DiffusionTransformer(nn.Module):
             input_concat_cond=twice(input_concat_cond), global_embed=twice(global_embed),
             prepend_cond=batch_prepend, prepend_cond_mask=batch_prepend_mask)
         cond_output, uncond_output = batch_output.chunk(2, dim=0)
-        cfg_output = uncond_output + (cond_output - uncond_output) * cfg_scale
-        if scale_phi != 0.0:
-            # CFG rescale (Lin et al. 2023, "Common diffusion noise schedules are flawed"): match the
-            # guided output's std over channels to the conditioned one, mixed by scale_phi.
-            ratio = cond_output.std(dim=1, keepdim=True) / cfg_output.std(dim=1, keepdim=True)
-            cfg_output = scale_phi * (cfg_output * ratio) + (1 - scale_phi) * cfg_output
-        if cfg_interval[0] <= 0.0 and cfg_interval[1] >= 1.0:  # every noise level is inside (SAT's default)
-            return cfg_output
-        # Outside the CFG interval SAT returns the conditioned output; it decides on row 0's noise level.
-        # Selected on the device (torch.where), not with an `if` on a tensor: no host sync per call and no
-        # graph break. The unconditioned rows are computed even outside the interval (SAT skips them).
-        sigma = torch.sin(t[0] * math.pi / 2) if self.diffusion_objective == "v" else t[0]
-        inside = (sigma >= cfg_interval[0]) & (sigma <= cfg_interval[1])
-        return torch.where(inside, cfg_output, cond_output)
+        # Outside the CFG interval SAT returns the conditioned output (decided on row 0's noise level); the
+        # unconditioned rows are computed even there (SAT skips them), so the choice stays on the device.
+        return guide(cond_output, uncond_output, guidance, t)
 
 
 def _drop_rows(cond: torch.Tensor | None, prob: float) -> torch.Tensor | None:

@@ -17,7 +17,9 @@ from typing import Callable
 from torch import nn
 
 from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
-from pipeline.models.conditioners import check_kwargs, create_multi_conditioner_from_conditioning_config
+from pipeline.models.conditioning import check_config_routes
+from pipeline.models.arguments import check_arguments
+from pipeline.models.conditioners import create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
                                                DiTUncondWrapper, DiTWrapper)
 from pipeline.models.compile import compile_blocks
@@ -33,7 +35,7 @@ _CANTUS_ARGS = ("attention_masks", "checkpointing", "attention_backend", "diffus
 
 def _checked(cls, config: dict, key_path: str, reserved=()) -> dict:
     try:
-        check_kwargs(cls, config, key_path, reserved=reserved)
+        check_arguments(config, key_path, cls.__name__, [cls.__init__], reserved=reserved, required=False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return dict(config)
@@ -87,9 +89,20 @@ def _pretransform(cfg: ModelConfig) -> nn.Module | None:
     return create_pretransform_from_config(cfg.model.pretransform, cfg.sample_rate, cfg.audio_channels)
 
 
+def _check_routes(d: DiffusionConfig, backbone: nn.Module) -> None:
+    """Each conditioning route in the config must be an input of the backbone (its `accepts`), and a route it
+    needs must not be empty: a config error at load, not at the first forward."""
+    routed = {"cross_attention_cond_ids": d.cross_attention_cond_ids, "global_cond_ids": d.global_cond_ids,
+              "input_concat_ids": d.input_concat_ids, "prepend_cond_ids": d.prepend_cond_ids}
+    error = check_config_routes(d.type, backbone.accepts, routed, getattr(backbone, "requires", frozenset()))
+    if error:
+        raise ConfigError(error)
+
+
 def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
     d = cfg.model.diffusion
     backbone = _backbone(COND_BACKBONES, d, cfg, "model.diffusion.type")
+    _check_routes(d, backbone)
     pretransform = _pretransform(cfg)
     ratio = 1 if pretransform is None else pretransform.downsampling_ratio
     _check_sample_size(cfg, ratio, backbone.min_input_length)

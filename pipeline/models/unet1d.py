@@ -15,7 +15,6 @@ Conditioning, per the router's names:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -23,6 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.diffusion.cfg import Guidance, apply_cfg
+from pipeline.models.arguments import check_arguments
+from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d_blocks import (
     AttentionSettings,
@@ -361,14 +363,7 @@ class UNetCFG1d(UNet1d):
             out = run(x, time, embedding, embedding_mask, features, channels_list)
             out_null = run(x, time, fixed_embedding, embedding_mask, features, channels_list)
 
-        out_cfg = out_null + (out - out_null) * embedding_scale
-        if not rescale_cfg:
-            return out_cfg
-        # CFG rescale (Lin et al. 2023): match the guided output's std over channels to the conditional
-        # one's, mixed by scale_phi.
-        out_std = out.std(dim=1, keepdim=True)
-        out_cfg_std = out_cfg.std(dim=1, keepdim=True)
-        return scale_phi * (out_cfg * (out_std / out_cfg_std)) + (1 - scale_phi) * out_cfg
+        return apply_cfg(out, out_null, embedding_scale, scale_phi if rescale_cfg else 0.0)
 
 
 def _append_token(
@@ -380,37 +375,34 @@ def _append_token(
     return torch.cat([tokens, token], dim=1), mask
 
 
-def _reject_unsupported(
-    backbone: str,
-    prepend_cond: torch.Tensor | None = None,
-    cfg_interval: tuple[float, float] = (0.0, 1.0),
-    mask: torch.Tensor | None = None,
-) -> None:
-    """The router and sampler send every backbone the same arguments; fail on those a U-Net cannot honour."""
-    if prepend_cond is not None:
+def _reject_unsupported(backbone: str, guidance: Guidance, mask: torch.Tensor | None) -> None:
+    """What a U-Net cannot honour beyond the routes (those are checked when the model is built)."""
+    if not guidance.everywhere:
         raise ValueError(
-            f"{backbone} has no prepend conditioning: move the ids in prepend_cond_ids to "
-            "cross_attention_cond_ids (adp_cfg_1d) or global_cond_ids"
+            f"{backbone} applies guidance at every step; cfg_interval {guidance.interval} needs the dit backbone"
         )
-    if tuple(cfg_interval) != (0.0, 1.0):
-        raise ValueError(f"{backbone} applies guidance at every step; cfg_interval {cfg_interval} needs the dit backbone")
     if mask is not None:
-        raise ValueError(
-            f"{backbone} has no padding mask: set training.mask_padding to false for U-Net models"
-        )
+        raise ValueError(f"{backbone} has no padding mask: set training.mask_padding to false for U-Net models")
 
 
 def _channels_list(input_concat_cond: torch.Tensor | None) -> list[torch.Tensor] | None:
     return None if input_concat_cond is None else [input_concat_cond]
 
 
-class UNetCFG1DWrapper(nn.Module):
-    """`adp_cfg_1d`: cross-attention + global + input-concat conditioning, CFG inside the backbone."""
+def _sat_guidance(cfg_scale, cfg_dropout_prob, batch_cfg, rescale_cfg, scale_phi, cfg_interval) -> Guidance:
+    """SAT's U-Net wrapper keywords as a `Guidance`: `scale_phi` counts only with `rescale_cfg`."""
+    return Guidance(scale=cfg_scale, dropout_prob=cfg_dropout_prob, batch=batch_cfg,
+                    scale_phi=scale_phi if rescale_cfg else 0.0, interval=tuple(cfg_interval))
 
-    supports_cross_attention = True
-    supports_global_cond = True
-    supports_input_concat = True
-    supports_prepend_cond = False
+
+class UNetCFG1DWrapper(nn.Module):
+    """`adp_cfg_1d`: cross-attention + global + input-concat conditioning, CFG inside the backbone.
+
+    Guidance runs over the cross-attention tokens only: as in SAT, the unconditional half sees the same
+    global and input-concat conditioning, so negative global and input-concat conditioning are not used."""
+
+    accepts = frozenset({"cross_attention_cond_ids", "global_cond_ids", "input_concat_ids"})
+    requires = frozenset({"cross_attention_cond_ids"})
 
     def __init__(self, **config) -> None:
         super().__init__()
@@ -440,41 +432,43 @@ class UNetCFG1DWrapper(nn.Module):
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Guidance runs over the cross-attention tokens only: as in SAT, the unconditional half sees the
-        same global and input-concat conditioning, so `negative_global_cond` and
-        `negative_input_concat_cond` are accepted (the router sends them) and not used.
+        """SAT's keyword call, onto `predict`. `batch_cfg` and `rescale_cfg` default to False as in SAT's
+        wrapper (SAT's generation, and ours, pass True for both); the rescale amount is `scale_phi` (SAT's
+        0.4), used only with `rescale_cfg`."""
+        cond = Conditioning.from_sat(cross_attn_cond, cross_attn_mask, negative_cross_attn_cond,
+                                     negative_cross_attn_mask, input_concat_cond, negative_input_concat_cond,
+                                     global_cond, negative_global_cond, prepend_cond, prepend_cond_mask)
+        cond.check_routes(self.accepts, "adp_cfg_1d")
+        guidance = _sat_guidance(cfg_scale, cfg_dropout_prob, batch_cfg, rescale_cfg, scale_phi, cfg_interval)
+        return self.predict(x, t, cond, guidance, mask=mask)
 
-        `batch_cfg` and `rescale_cfg` default to False as in SAT's wrapper (SAT's generation, and ours,
-        pass True for both); the rescale amount is `scale_phi` (SAT's 0.4), used only with `rescale_cfg`."""
-        _reject_unsupported("adp_cfg_1d", prepend_cond, cfg_interval, mask)
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        _reject_unsupported("adp_cfg_1d", guidance, mask)
         return self.model(
             x,
             t,
-            embedding=cross_attn_cond,
-            embedding_mask=cross_attn_mask,
-            features=global_cond,
-            channels_list=_channels_list(input_concat_cond),
-            embedding_scale=cfg_scale,
-            embedding_mask_proba=cfg_dropout_prob,
-            batch_cfg=batch_cfg,
-            rescale_cfg=rescale_cfg,
-            scale_phi=scale_phi,
-            negative_embedding=negative_cross_attn_cond,
-            negative_embedding_mask=negative_cross_attn_mask,
+            embedding=cond.cross_attn,
+            embedding_mask=cond.cross_attn_mask,
+            features=cond.global_cond,
+            channels_list=_channels_list(cond.input_concat),
+            embedding_scale=guidance.scale,
+            embedding_mask_proba=guidance.dropout_prob,
+            batch_cfg=guidance.batch,
+            rescale_cfg=guidance.scale_phi != 0.0,
+            scale_phi=guidance.scale_phi,
+            negative_embedding=cond.negative_cross_attn,
+            negative_embedding_mask=cond.negative_cross_attn_mask,
         )
 
 
 class UNet1DCondWrapper(nn.Module):
     """`adp_1d` in diffusion_cond: global + input-concat conditioning, no cross-attention.
 
-    Like SAT, it has no guidance: `cfg_scale` and `cfg_dropout_prob` have nothing to act on (there is no
-    null condition) and are ignored; the router sends them to every backbone.
-    """
+    Like SAT, it has no guidance: the guidance settings have nothing to act on (there is no null condition)
+    and are ignored."""
 
-    supports_cross_attention = False
-    supports_global_cond = True
-    supports_input_concat = True
-    supports_prepend_cond = False
+    accepts = frozenset({"global_cond_ids", "input_concat_ids"})
 
     def __init__(self, **config) -> None:
         super().__init__()
@@ -504,20 +498,28 @@ class UNet1DCondWrapper(nn.Module):
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if cross_attn_cond is not None:
-            raise ValueError(
-                "adp_1d has no cross-attention: use adp_cfg_1d, or route these conditioners through "
-                "global_cond_ids / input_concat_ids"
-            )
-        _reject_unsupported("adp_1d", prepend_cond, cfg_interval, mask)
+        """SAT's keyword call, onto `predict`."""
+        cond = Conditioning.from_sat(cross_attn_cond, cross_attn_mask, negative_cross_attn_cond,
+                                     negative_cross_attn_mask, input_concat_cond, negative_input_concat_cond,
+                                     global_cond, negative_global_cond, prepend_cond, prepend_cond_mask)
+        cond.check_routes(self.accepts, "adp_1d")
+        guidance = _sat_guidance(cfg_scale, cfg_dropout_prob, batch_cfg, rescale_cfg, scale_phi, cfg_interval)
+        return self.predict(x, t, cond, guidance, mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        _reject_unsupported("adp_1d", guidance, mask)
+        input_concat_cond = cond.input_concat
         if input_concat_cond is not None and input_concat_cond.shape[2] != x.shape[2]:
             # SAT resizes input-concat conditioning to the input's length (nearest) for this backbone.
             input_concat_cond = F.interpolate(input_concat_cond, (x.shape[2],), mode="nearest")
-        return self.model(x, t, features=global_cond, channels_list=_channels_list(input_concat_cond))
+        return self.model(x, t, features=cond.global_cond, channels_list=_channels_list(input_concat_cond))
 
 
 class UNet1DUncondWrapper(nn.Module):
     """`adp_uncond_1d` (SAT's name) and `adp_1d` (the docs' name) in diffusion_uncond."""
+
+    accepts = frozenset()
 
     def __init__(self, in_channels: int, **config) -> None:
         super().__init__()
@@ -535,7 +537,11 @@ class UNet1DUncondWrapper(nn.Module):
         cfg_scale: float = 1.0,
     ) -> torch.Tensor:
         """The CFG arguments are accepted (the training loop sends them) and have nothing to act on."""
-        _reject_unsupported("adp_uncond_1d", mask=mask)
+        return self.predict(x, t, Conditioning(), Guidance(), mask=mask)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: Guidance,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        _reject_unsupported("adp_uncond_1d", guidance, mask)
         return self.model(x, t)
 
 
@@ -545,21 +551,14 @@ class UNet1DUncondWrapper(nn.Module):
 
 
 def construct_checked(cls: type, config: dict, key_path: str, accepted: Sequence) -> nn.Module:
-    """`cls(**config)` after checking the keys against the named arguments of `accepted` (callables whose
-    signatures together make up what `cls` takes), so a typo or a missing key is an error naming it."""
+    """`cls(**config)` after `check_arguments` against `accepted` (callables whose signatures together make
+    up what `cls` takes)."""
     from pipeline.config import ConfigError  # imported here: model code stays usable without the config layer
 
-    known: dict[str, bool] = {}
-    for fn in accepted:
-        for name, p in inspect.signature(fn).parameters.items():
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                known[name] = known.get(name, False) or p.default is p.empty
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ConfigError(f"{key_path}: unknown argument(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    missing = sorted(n for n, required in known.items() if required and n not in config)
-    if missing:
-        raise ConfigError(f"{key_path}: {cls.__name__} needs {missing}")
+    try:
+        check_arguments(config, key_path, cls.__name__, accepted)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cls(**config)
 
 
