@@ -34,7 +34,10 @@ def _train_env(m: dict, name: str, zero: int, max_steps: int, *flags: str, **ext
             "MODEL_CONFIG": m["config"], "MAX_STEPS": str(max_steps),
             "DS_CONFIG": os.path.join(REPO, "ds_configs", f"zero{zero}_cpu.json"),
             "SCRATCH_DIR": str(m["root"] / f"scratch-{name}" / "%n"),
-            "TRAIN_ARGS": " ".join(("--batch-size 2 --num-workers 0 --log-every 1 --wandb off "
+            # --cache-gb 0: every rank is its own loader group, so the data plan is the same whether the two
+            # ranks share a node or not, and losses compare the distributed math across layouts. (With a node
+            # cache the plan deals shards per node by design, and a resume on another node layout is refused.)
+            "TRAIN_ARGS": " ".join(("--batch-size 2 --num-workers 0 --log-every 1 --wandb off --cache-gb 0 "
                                     "--collective-timeout 60 --rendezvous-timeout 120", *flags)),
             "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions")),

@@ -286,16 +286,25 @@ def test_sample_json_carries_metadata_without_overwriting_computed_fields(tmp_pa
 # ------------------------------------------------------------------------------------- hostile inputs
 
 
+# Runs the stage and reports its own peak RSS (VmHWM: this process image only). ru_maxrss would also count
+# the pages shared with the forking test process before exec: a large pytest process reads as a large stage.
+_MEASURED_STAGE = """
+import runpy, sys
+try:
+    runpy.run_module("pipeline.shard", run_name="__main__")
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    sys.stderr.write(f"\\nCANTUS-PEAK-KIB {hwm.split()[1]}\\n")
+"""
+
+
 def run_stage(argv: list[str]) -> tuple[int, float, str]:
     """``python -m pipeline.shard`` in a child; -> (exit code, the child's own peak RSS in GiB, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.shard", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode()  # read before waiting: a full pipe would block the child
-    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone (ru_maxrss in KiB on Linux)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stderr.close()
-    return proc.returncode, usage.ru_maxrss / 2 ** 20, err
+    proc = subprocess.run([sys.executable, "-c", _MEASURED_STAGE, *argv], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err, _, peak = proc.stderr.rpartition("\nCANTUS-PEAK-KIB ")
+    return proc.returncode, int(peak) / 2 ** 20, err
 
 
 def test_a_one_hour_source_shards_with_peak_rss_under_one_gib(tmp_path):
