@@ -5,17 +5,19 @@ ARCHITECTURE.md "Manifests": ``k = array_index * W + rank`` and ``N = array_coun
 ``array_count = SLURM_ARRAY_TASK_COUNT`` and ``W`` is the number of ranks per array task (1 without a
 launcher). Task ``k`` then owns plan items ``i`` with ``i % N == k``.
 
-The launcher rank comes from ``RANK``/``WORLD_SIZE`` (torchrun, deepspeed, and our slurm scripts,
-which export them), else from an ``srun`` step (``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``). The batch
-script itself is not an srun step: there ``SLURM_NTASKS`` counts tasks that do not run, so it is
-ignored, else the other tasks' items would never be processed.
+The numbers come from `pipeline.distributed.env.task_position`, the one reader of the launcher's variables:
+the launcher rank from ``RANK``/``WORLD_SIZE`` (torchrun, deepspeed, and our slurm scripts, which export
+them), else from an ``srun`` step (``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``). The batch script itself is
+not an srun step: there ``SLURM_NTASKS`` counts tasks that do not run, so it is ignored, else the other
+tasks' items would never be processed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
+
+from pipeline.distributed import env as env_mod
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,10 +40,8 @@ def task_slot(env: Mapping[str, str] | None = None, task_index: int | None = Non
         raise ValueError(f"--task-index={task_index} and --num-tasks={num_tasks}: give both or neither")
     if task_index is not None and num_tasks is not None:
         return TaskSlot(task_index, num_tasks)
-    env = os.environ if env is None else env
-    array_index, array_count = _array(env)
-    rank, ranks = _rank(env)
-    return TaskSlot(array_index * ranks + rank, array_count * ranks)
+    where = env_mod.task_position(env)
+    return TaskSlot(where.array_index * where.ranks + where.rank, where.array_count * where.ranks)
 
 
 def task_count(env: Mapping[str, str] | None = None, num_tasks: int | None = None) -> int:
@@ -52,39 +52,3 @@ def task_count(env: Mapping[str, str] | None = None, num_tasks: int | None = Non
             raise ValueError(f"--num-tasks={num_tasks}: expected at least 1")
         return num_tasks
     return task_slot(env).count
-
-
-def _int(env: Mapping[str, str], name: str) -> int:
-    try:
-        return int(env[name])
-    except KeyError:
-        raise ValueError(f"{name} is not set") from None
-    except ValueError:
-        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
-
-
-def _array(env: Mapping[str, str]) -> tuple[int, int]:
-    if "SLURM_ARRAY_TASK_ID" not in env:
-        return 0, 1
-    task_id, first = _int(env, "SLURM_ARRAY_TASK_ID"), _int(env, "SLURM_ARRAY_TASK_MIN")
-    count = _int(env, "SLURM_ARRAY_TASK_COUNT")
-    step = _int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
-    index, rest = divmod(task_id - first, step)
-    if rest or not 0 <= index < count:
-        raise ValueError(
-            f"SLURM_ARRAY_TASK_ID={task_id} is not task {index} of a range MIN={first} STEP={step} "
-            f"COUNT={count}: submit the array as one range (--array=0-{count - 1}), not a list")
-    return index, count
-
-
-def _rank(env: Mapping[str, str]) -> tuple[int, int]:
-    if "RANK" in env or "WORLD_SIZE" in env:
-        names = ("RANK", "WORLD_SIZE")
-    elif "SLURM_STEP_NUM_TASKS" in env:
-        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
-    else:
-        return 0, 1
-    rank, ranks = _int(env, names[0]), _int(env, names[1])
-    if not 0 <= rank < ranks:
-        raise ValueError(f"{names[0]}={rank} must be in [0, {names[1]}={ranks})")
-    return rank, ranks

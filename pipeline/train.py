@@ -27,7 +27,6 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
 
 from pipeline import lease, manifest, storage
 from pipeline.cli import run_main
@@ -38,15 +37,14 @@ from pipeline.diffusion.losses import DiffusionLoss
 from pipeline.diffusion.objectives import create_objective
 from pipeline.diffusion.optim import create_optimizer_and_scheduler
 from pipeline.diffusion.timesteps import create_distribution_shift, create_timestep_sampler
-from pipeline.distributed import checkpoint, env
+from pipeline.distributed import env
 from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
-from pipeline.distributed.ledger import RunOutputs, save_and_publish
-from pipeline.distributed.stop import EXIT_STOPPED, StopFlag, catch_early
+from pipeline.distributed.stop import catch_early
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
-from pipeline.train_setup import (check_pretransform, drop_staged, exit_code_for, export_tensors_fn, load_pretrained,
-                                  local_copy, log_plan, mean_over_ranks, output_lease, remove_scratch, scratch_dir,
-                                  start_wandb, validation_losses, window_rates)
+from pipeline.train_run import MetricsWindow, TrainRun, run_leased, scratch_dir
+from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
+                                  validation_losses)
 
 logger = logging.getLogger("pipeline.train")
 
@@ -137,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(args, cfg, ds_config, layout, denv)
     env.init_process_group(denv, rendezvous_timeout=args.rendezvous_timeout,
                            collective_timeout=args.collective_timeout)
-    try:
-        with output_lease(args, denv):
-            code = train(args, cfg, ds_config, layout, denv)
-    except (lease.LeaseError, storage.StorageError) as e:
-        return exit_code_for(e)  # 75 for a temporary storage failure (requeue), else 2
-    if code == 0 and not args.keep_scratch and denv.local_rank == 0:
-        remove_scratch(scratch_dir(args))
-    return code
+    return run_leased(lambda: train(args, cfg, ds_config, layout, denv), args, denv)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -162,33 +153,35 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     data, has_identity = read_data(args.data)
     scratch = scratch_dir(args)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run of this seed
-    wrapper, vae_weights = check_pretransform(cfg, data, args, scratch, verify=has_identity)
+    model, vae_weights = check_pretransform(cfg, data, args, scratch, verify=has_identity)
     crop_frames = cfg.sample_size // cfg.downsampling_ratio
     log_plan(cfg, layout, ds_config, data, crop_frames, args.max_steps)
-    demo_plan = plan_demos(cfg, wrapper.diffusion_objective)
+    demo_plan = plan_demos(cfg, model.diffusion_objective)
     pretrained = local_copy(args.pretrained_ckpt, scratch) if args.pretrained_ckpt else None
     if args.dry_run:
-        load_pretrained(wrapper, pretrained, args.allow_partial, load=False)
+        load_pretrained(model, pretrained, args.allow_partial, load=False)
         return 0
 
+    # model, optimizer, engine, EMA
     device = env.device_for(denv)
     torch.manual_seed(args.seed * denv.world_size + denv.rank)  # dropout, CFG dropout: per rank
     generator = torch.Generator().manual_seed(args.seed * denv.world_size + denv.rank)  # noise, t: per rank
-    pretransform = wrapper.pretransform
-    wrapper.pretransform = None  # frozen and unused by the step: kept out of the engine (and its ZeRO partitions)
-    load_pretrained(wrapper, pretrained, args.allow_partial,
+    pretransform = model.pretransform
+    model.pretransform = None  # frozen and unused by the step: kept out of the engine (and its ZeRO partitions)
+    load_pretrained(model, pretrained, args.allow_partial,
                     report_url=storage.join(args.output, "pretrained_load.json") if denv.rank == 0 else None)
     optimizer, scheduler = create_optimizer_and_scheduler(
-        cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in wrapper.parameters() if p.requires_grad],
+        cfg.training.optimizer_configs, cfg.training.learning_rate, [p for p in model.parameters() if p.requires_grad],
         fused=device.type == "cuda")
-    engine = ds_setup.build_engine(wrapper, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
-    module = engine.module
+    engine = ds_setup.build_engine(model, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
+    model = engine.module  # the same network, now on the device (ZeRO-3: its parameters partitioned)
     ema = None
     if cfg.training.use_ema:  # SAT averages the backbone only (`diffusion.model`), not the conditioners
         c = cfg.training.cantus
-        ema = ShardedEMA(ema_parameters(module), rank=denv.rank, world_size=denv.world_size, beta=c.ema_beta,
+        ema = ShardedEMA(ema_parameters(model), rank=denv.rank, world_size=denv.world_size, beta=c.ema_beta,
                          power=c.ema_power, update_every=c.ema_interval)
 
+    # objective, loss, timesteps, data
     d = cfg.model.diffusion
     objective = create_objective(d.diffusion_objective)
     loss_fn = DiffusionLoss.from_config(cfg.training.loss_configs, cfg.training.mask_padding,
@@ -201,62 +194,28 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     os.makedirs(scratch, exist_ok=True)
     loader = build_loader(latent_shards(data), spec, args, denv, seed=data_seed, batch_size=layout.micro_batch,
                           cache_dir=os.path.join(scratch, "shards"))
+    val_dataset = validation_dataset(args, data, spec, layout, denv, scratch, data_seed)
 
-    val_dataset = None
-    if args.val_data is not None:
-        val = manifest.read_manifest(args.val_data, stage="pre_encode")
-        if val.properties != data.properties:
-            raise ValueError(f"--val-data {args.val_data} and --data {args.data} differ in properties (pretransform "
-                             f"identity, channels, ...): pre-encode both with the same VAE")
-        val_dataset = ShardDataset(latent_shards(val), dataclasses.replace(spec, random_crop=False), seed=data_seed,
-                                   cache_dir=os.path.join(scratch, "shards-val"), cache_bytes=0,  # small: in memory
-                                   max_reject_fraction=args.max_reject_fraction)
-        if len(val_dataset) < layout.micro_batch * denv.world_size:
-            raise ValueError(f"--val-data {args.val_data}: {len(val_dataset)} samples, fewer than one batch per rank "
-                             f"(--batch-size {layout.micro_batch} x world size {denv.world_size})")
-    outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
-    drop_staged(outputs)  # what a save that failed half-way left
-    header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
-              "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
-    ledger = outputs.read_ledger()
-    step = 0
-    if ledger is not None and ledger.checkpoints:
-        entry = ledger.at_step()
-        outputs.fetch(entry)
-        resumed, _ = checkpoint.load(engine, local_root=outputs.local_root, tag=entry.tag, rank=denv.rank,
-                                     world_size=denv.world_size, config_sha256=cfg.sha256,
-                                     generators={"main": generator}, ema=ema)
-        step = resumed.step
-        drop_staged(outputs)
-        loader.load_state_dict(resumed.client["data"])
-        timesteps.load_state_dict(resumed.client["timesteps"])
-        logger.info("resumed from %s at step %d", entry.checkpoint_url, step)
-    if denv.rank == 0:
-        outputs.write_config(cfg.raw, cfg.sha256, {"ds_config": ds_config, "args": header["args"]})
-        outputs.restart_metrics(step)
-    wandb_run = start_wandb(args, cfg, denv, scratch)
-    export_tensors = export_tensors_fn(module, pretransform, vae_weights, ema is not None)
+    # the run: resume, output files, W&B, demos
+    run = TrainRun(args, cfg, ds_config, denv, scratch)
+    resumed = run.resume(engine, generators={"main": generator}, ema=ema)
+    if resumed is not None:
+        loader.load_state_dict(resumed[0].client["data"])
+        timesteps.load_state_dict(resumed[0].client["timesteps"])
+    step = run.step
+    run.start()
+    export_tensors = export_tensors_fn(model, pretransform, vae_weights, ema is not None)
     model_dtype = ds_setup.precision(ds_config)
     demos = None
     if demo_plan is not None:  # on every rank: each renders its share (ZeRO-3 needs all of them anyway)
-        demos = DemoRenderer(plan=demo_plan, module=module, ema=ema, out=args.output, device=device,
+        demos = DemoRenderer(plan=demo_plan, module=model, ema=ema, out=args.output, device=device,
                              dtype=model_dtype, rank=denv.rank, world_size=denv.world_size, scratch=scratch,
-                             wandb_run=wandb_run,
+                             wandb_run=run.wandb,
                              pretransform=pretransform.to(device) if pretransform is not None else None)
-    stop = StopFlag()
-    stopped = False
-
-    def save(at_step: int) -> None:
-        save_and_publish(outputs, engine, step=at_step, client={"data": loader.state_dict(),
-                         "timesteps": timesteps.state_dict()}, config_sha256=cfg.sha256,
-                         generators={"main": generator}, ema=ema, export_tensors=export_tensors,
-                         model_config=cfg.raw, ledger_header=header, keep_last=args.keep_last)
-        if denv.rank == 0:
-            outputs.sync_metrics()
 
     def model_fn_for(batch: Batch, cfg_dropout_prob: float, mask: torch.Tensor | None):
         """The network with this batch's conditioning closed over: `model_fn(x_t, t)` as the objective calls it."""
-        cond = module.conditioner(batch.metadata, device) if module.conditioner is not None else None
+        cond = model.conditioner(batch.metadata, device) if model.conditioner is not None else None
         extra = {"cfg_dropout_prob": cfg_dropout_prob} if cond is not None else {}
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -264,19 +223,14 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                 return engine(x_t.to(model_dtype), t, cond, mask=mask, **extra).float()
         return model_fn
 
-    def new_window() -> dict:
-        # The loss sum stays on the device (float64: the same sum as Python floats) until a log step reads it.
-        return {"loss": torch.zeros((), dtype=torch.float64, device=device), "n": 0, "data_wait": 0.0,
-                "start": time.perf_counter()}
-
     try:
         batches = iter(loader)
-        window = new_window()
+        window = MetricsWindow(device)
         while step < args.max_steps:
             # batch
             t0 = time.perf_counter()
             batch: Batch = next(batches).to(device)
-            window["data_wait"] += time.perf_counter() - t0
+            window.data_wait += time.perf_counter() - t0
             x = sample_latents(batch)  # VAE posteriors: drawn here, on the device
             # loss
             t = timesteps(x.shape[0], generator=generator)
@@ -291,54 +245,59 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             boundary = engine.is_gradient_accumulation_boundary()  # this micro-batch ends an optimizer step
             engine.backward(out.loss)
             engine.step()
-            window["loss"] += out.loss.detach()
+            window.add("loss", out.loss)  # summed on the device: no read here
             if not boundary:
                 continue
             step = engine.global_steps
             # EMA
             if ema is not None:
                 ema.update()
-            window["n"] += 1
+            window.steps += 1
             # periodic work; the stop flag is all-reduced (a host sync) at log steps only
             log_step = step % args.log_every == 0 or step == args.max_steps
-            stopped = log_step and stop.should_stop(device)
+            stopped = log_step and run.should_stop(device)
             if log_step:
-                elapsed = time.perf_counter() - window["start"]
-                micro = window["n"] * layout.accumulation
-                record = {"step": step, "loss": mean_over_ranks(float(window["loss"]) / micro, device),
-                          **window_rates(engine, layout, window, elapsed, loader.epoch)}
-                if denv.rank == 0:
-                    outputs.log_metrics(record)
-                    logger.info("step %d | loss %.4f | grad_norm %.3g | lr %.2e | %.1f samples/s | data_wait %.0f%%",
-                                step, record["loss"], record["grad_norm"], record["lr"], record["samples_per_s"],
-                                100 * record["data_wait"])
-                    if wandb_run is not None:
-                        wandb_run.log(record, step=step)
-                window = new_window()
+                record = {"step": step, **window.means(window.steps * layout.accumulation),
+                          **window.rates(engine, layout, loader.epoch)}
+                run.log(record, "step %d | loss %.4f | grad_norm %.3g | lr %.2e | %.1f samples/s | data_wait %.0f%%",
+                        step, record["loss"], record["grad_norm"], record["lr"], record["samples_per_s"],
+                        100 * record["data_wait"])
+                window.reset()
             if val_dataset is not None and args.val_every and step % args.val_every == 0:
                 val_loader = LatentLoader(val_dataset, rank=denv.rank, world_size=denv.world_size,
                                           batch_size=layout.micro_batch, seed=data_seed, num_workers=0)
                 record = {"step": step, **validation_losses(val_loader, lambda b: model_fn_for(b, 0.0, None), objective,
-                                                            loss_fn, module=module, device=device, seed=data_seed)}
-                if denv.rank == 0:
-                    outputs.log_metrics(record)
-                    logger.info("step %d | val_loss %.4f", step, record["val_loss"])
+                                                            loss_fn, module=model, device=device, seed=data_seed)}
+                run.log(record, "step %d | val_loss %.4f", step, record["val_loss"])
             if demos is not None and step % demos.plan.every == 0:
                 demos.render(step)
-            if stop.may_save and (step % args.checkpoint_every == 0 or stopped or step == args.max_steps):
-                save(step)
+            if run.should_save(step, stopped):
+                run.save(engine, step, client={"data": loader.state_dict(), "timesteps": timesteps.state_dict()},
+                         generators={"main": generator}, ema=ema, export_tensors=export_tensors)
             if stopped:
-                logger.warning("stop (%s): %s step %d of %d, exiting with %d", stop.reason,
-                               "saved" if stop.may_save else "did not save", step, args.max_steps, EXIT_STOPPED)
+                run.log_stop(step)
                 break
     finally:
-        stop.restore()
-        if wandb_run is not None:
-            wandb_run.finish()
-    logger.info("done: ledger %s", outputs.ledger)
-    if dist.is_initialized():
-        dist.barrier()
-    return EXIT_STOPPED if stopped and step < args.max_steps else 0
+        run.close()
+    return run.exit_code(step)
+
+
+def validation_dataset(args, data: manifest.Manifest, spec: CropSpec, layout: ds_setup.BatchLayout,
+                       denv: env.DistEnv, scratch: str, data_seed: int) -> ShardDataset | None:
+    """`--val-data`'s latents (whole clips from the start, held in memory), checked against `--data`."""
+    if args.val_data is None:
+        return None
+    val = manifest.read_manifest(args.val_data, stage="pre_encode")
+    if val.properties != data.properties:
+        raise ValueError(f"--val-data {args.val_data} and --data {args.data} differ in properties (pretransform "
+                         f"identity, channels, ...): pre-encode both with the same VAE")
+    dataset = ShardDataset(latent_shards(val), dataclasses.replace(spec, random_crop=False), seed=data_seed,
+                           cache_dir=os.path.join(scratch, "shards-val"), cache_bytes=0,  # small: in memory
+                           max_reject_fraction=args.max_reject_fraction)
+    if len(dataset) < layout.micro_batch * denv.world_size:
+        raise ValueError(f"--val-data {args.val_data}: {len(dataset)} samples, fewer than one batch per rank "
+                         f"(--batch-size {layout.micro_batch} x world size {denv.world_size})")
+    return dataset
 
 
 if __name__ == "__main__":

@@ -13,35 +13,19 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from pipeline import manifest
 from pipeline.config import ModelConfig
 from pipeline.data.latents import CropSpec, build_loader, shard_refs
 from pipeline.diffusion.optim import create_optimizer_and_scheduler
-from pipeline.distributed import checkpoint, env
+from pipeline.distributed import checkpoint, collectives, env
 from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
-from pipeline.distributed.ledger import RunOutputs, save_and_publish
-from pipeline.distributed.stop import EXIT_STOPPED, StopFlag
 from pipeline.models.autoencoder_losses import autoencoder_step_losses, create_autoencoder_losses
 from pipeline.models.factory import create_model_from_config
-from pipeline.train_setup import drop_staged, mean_over_ranks, scratch_dir, start_wandb, window_rates
+from pipeline.train_run import MetricsWindow, TrainRun, scratch_dir
 
 logger = logging.getLogger("pipeline.train")
-
-
-def _average_gradients(module: torch.nn.Module) -> None:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not grads:
-        return
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def _optimizer_tensors(prefix: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -84,62 +68,50 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
 
     device = env.device_for(denv)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    autoencoder = create_model_from_config(cfg)
+    model = create_model_from_config(cfg)
     losses = create_autoencoder_losses(cfg.training.loss_configs, cfg.sample_rate, cfg.audio_channels).to(device)
     torch.manual_seed(args.seed * denv.world_size + denv.rank)
     generator = torch.Generator(device).manual_seed(args.seed * denv.world_size + denv.rank)
     opt_configs = cfg.training.optimizer_configs
     optimizer, scheduler = create_optimizer_and_scheduler(
-        opt_configs, cfg.training.learning_rate, [p for p in autoencoder.parameters() if p.requires_grad],
+        opt_configs, cfg.training.learning_rate, [p for p in model.parameters() if p.requires_grad],
         group="autoencoder")
-    engine = ds_setup.build_engine(autoencoder, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
+    engine = ds_setup.build_engine(model, ds_config, optimizer=optimizer, lr_scheduler=scheduler)
     disc = losses.discriminator
     disc_opt = disc_sched = None
     if disc is not None:
         disc_opt, disc_sched = create_optimizer_and_scheduler(opt_configs, cfg.training.learning_rate,
                                                               list(disc.parameters()), group="discriminator")
-    module = engine.module
+    model = engine.module  # the same network, now on the device (ZeRO-3: its parameters partitioned)
     ema = None
     if cfg.training.use_ema:
         c = cfg.training.cantus
-        ema = ShardedEMA([(n, p) for n, p in module.named_parameters() if p.requires_grad], rank=denv.rank,
+        ema = ShardedEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad], rank=denv.rank,
                          world_size=denv.world_size, beta=c.ema_beta, power=c.ema_power, update_every=c.ema_interval)
 
+    # data
     scratch = scratch_dir(args)
     os.makedirs(scratch, exist_ok=True)
     data_seed = args.seed if args.data_seed is None else args.data_seed
     spec = CropSpec(frames=cfg.sample_size, samples_per_frame=1, sample_rate=cfg.sample_rate)
     loader = build_loader(shard_refs(data.outputs), spec, args, denv, seed=data_seed, batch_size=layout.micro_batch,
                           cache_dir=os.path.join(scratch, "shards"))
-    outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
-    drop_staged(outputs)  # what a save that failed half-way left
-    header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
-              "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
-    step = 0
-    ledger = outputs.read_ledger()
-    if ledger is not None and ledger.checkpoints:
-        entry = ledger.at_step()
-        outputs.fetch(entry)
-        resumed, extra = checkpoint.load(engine, local_root=outputs.local_root, tag=entry.tag, rank=denv.rank,
-                                         world_size=denv.world_size, config_sha256=cfg.sha256,
-                                         generators={"main": generator}, ema=ema)
-        step = resumed.step
-        drop_staged(outputs)
-        loader.load_state_dict(resumed.client["data"])
+
+    # the run: resume, output files, W&B
+    run = TrainRun(args, cfg, ds_config, denv, scratch)
+    resumed = run.resume(engine, generators={"main": generator}, ema=ema)
+    if resumed is not None:
+        state, extra = resumed
+        loader.load_state_dict(state.client["data"])
         if disc is not None:
-            _load_optimizer_tensors("disc", extra, disc, disc_opt, resumed.client["disc_param_groups"])
+            _load_optimizer_tensors("disc", extra, disc, disc_opt, state.client["disc_param_groups"])
             if disc_sched is not None:
-                disc_sched.load_state_dict(resumed.client["disc_scheduler"])
-        logger.info("resumed from %s at step %d", entry.checkpoint_url, step)
-    if denv.rank == 0:
-        outputs.write_config(cfg.raw, cfg.sha256, {"ds_config": ds_config, "args": header["args"]})
-        outputs.restart_metrics(step)
-    wandb_run = start_wandb(args, cfg, denv, scratch)
-    stop = StopFlag()
-    stopped = False
+                disc_sched.load_state_dict(state.client["disc_scheduler"])
+    step = run.step
+    run.start()
 
     def export_tensors(ema_tensors: dict | None) -> dict | None:
-        tensors = checkpoint.full_fp32_state_dict(module)  # collective
+        tensors = checkpoint.full_fp32_state_dict(model)  # collective
         return {**tensors, **(ema_tensors or {})} if denv.rank == 0 else None
 
     def save(at_step: int) -> None:
@@ -149,22 +121,19 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
             extra = _optimizer_tensors("disc", disc, disc_opt)
             client["disc_param_groups"] = disc_opt.state_dict()["param_groups"]
             client["disc_scheduler"] = disc_sched.state_dict() if disc_sched is not None else None
-        save_and_publish(outputs, engine, step=at_step, client=client, config_sha256=cfg.sha256,
-                         generators={"main": generator}, ema=ema, export_tensors=export_tensors,
-                         model_config=cfg.raw, ledger_header=header, keep_last=args.keep_last, extra=extra)
-        if denv.rank == 0:
-            outputs.sync_metrics()
+        run.save(engine, at_step, client=client, generators={"main": generator}, ema=ema,
+                 export_tensors=export_tensors, extra=extra)
 
     try:
         batches = iter(loader)
-        window = {"n": 0, "loss": 0.0, "data_wait": 0.0, "start": time.perf_counter(), "terms": {}}
+        window = MetricsWindow(device)
         while step < args.max_steps:
             # batch
             t0 = time.perf_counter()
             reals = next(batches).to(device).latents  # (B, C, T) audio
-            window["data_wait"] += time.perf_counter() - t0
+            window.data_wait += time.perf_counter() - t0
             # losses
-            out = autoencoder_step_losses(module, losses, reals, warmed_up=step >= cfg.training.warmup_steps,
+            out = autoencoder_step_losses(model, losses, reals, warmed_up=step >= cfg.training.warmup_steps,
                                           generator=generator)
             # generator: backward, step
             engine.backward(out.generator)
@@ -173,7 +142,7 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
             if out.discriminator is not None:
                 disc_opt.zero_grad(set_to_none=True)
                 out.discriminator.backward()
-                _average_gradients(disc)
+                collectives.average_gradients(disc)
                 disc_opt.step()
                 if disc_sched is not None:
                     disc_sched.step()
@@ -181,35 +150,23 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
             # EMA
             if ema is not None:
                 ema.update()
-            window["n"] += 1
-            window["loss"] += float(out.generator.detach())
+            window.steps += 1
+            window.add("loss", out.generator)
             for k, v in out.terms.items():
-                window["terms"][k] = window["terms"].get(k, 0.0) + v
-            stopped = stop.should_stop(device)
+                window.add(k, v)
+            stopped = run.should_stop(device)
             # periodic work
             if step % args.log_every == 0 or stopped or step == args.max_steps:
-                elapsed = time.perf_counter() - window["start"]
-                record = {"step": step, "loss": mean_over_ranks(window["loss"] / window["n"], device),
-                          **{k: mean_over_ranks(v / window["n"], device) for k, v in sorted(window["terms"].items())},
-                          **window_rates(engine, layout, window, elapsed, loader.epoch)}
-                if denv.rank == 0:
-                    outputs.log_metrics(record)
-                    logger.info("step %d | loss %.4f | %s | lr %.2e | %.1f samples/s", step, record["loss"],
-                                " ".join(f"{k} {record[k]:.4g}" for k in sorted(window["terms"])), record["lr"],
-                                record["samples_per_s"])
-                    if wandb_run is not None:
-                        wandb_run.log(record, step=step)
-                window = {"n": 0, "loss": 0.0, "data_wait": 0.0, "start": time.perf_counter(), "terms": {}}
-            if stop.may_save and (step % args.checkpoint_every == 0 or stopped or step == args.max_steps):
+                terms = sorted(k for k in window.sums if k != "loss")
+                record = {"step": step, **window.means(window.steps), **window.rates(engine, layout, loader.epoch)}
+                run.log(record, "step %d | loss %.4f | %s | lr %.2e | %.1f samples/s", step, record["loss"],
+                        " ".join(f"{k} {record[k]:.4g}" for k in terms), record["lr"], record["samples_per_s"])
+                window.reset()
+            if run.should_save(step, stopped):
                 save(step)
             if stopped:
-                logger.warning("stop (%s): %s step %d of %d, exiting with %d", stop.reason,
-                               "saved" if stop.may_save else "did not save", step, args.max_steps, EXIT_STOPPED)
+                run.log_stop(step)
                 break
     finally:
-        stop.restore()
-        if wandb_run is not None:
-            wandb_run.finish()
-    if dist.is_initialized():
-        dist.barrier()
-    return EXIT_STOPPED if stopped and step < args.max_steps else 0
+        run.close()
+    return run.exit_code(step)

@@ -26,11 +26,11 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.diffusion import create_sampler
+from pipeline.distributed import collectives
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.ema_swap import ema_swapped_in
 from pipeline.generate import generate
@@ -161,8 +161,7 @@ class DemoRenderer:
                                sampler=self.plan.sampler, device=self.device, dtype=self.dtype)
                 for item, audio in zip(mine, out.audio):
                     self._write(step, item, scale, audio)
-        if dist.is_initialized():
-            dist.barrier()  # every rank's files exist before the index links them
+        collectives.barrier()  # every rank's files exist before the index links them
         if self.rank == 0:
             page = self._write_index(step)
             logger.info("step %d | demos: %d clips (%s, %d steps, %s weights) -> %s", step,

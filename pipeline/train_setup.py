@@ -1,25 +1,19 @@
-"""Set-up pieces of the train stage that are not the loop: the pretransform identity check, partial loads,
-the export's tensor set, the plan printed at start, W&B. `pipeline/train.py` reads top to bottom with these."""
+"""The diffusion trainer's model set-up and evaluation: the pretransform identity check, partial loads of
+`--pretrained-ckpt`, the export's tensor set, the plan printed at start, the validation losses. The run's
+shell (resume, output files, W&B, stop, lease, exit codes) is `pipeline/train_run.py`."""
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import logging
 import os
-import shutil
-import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from pipeline import lease, manifest, storage
-from pipeline.cli import EXIT_USER_ERROR
+from pipeline import manifest, storage
 from pipeline.config import ModelConfig
 from pipeline.data.posterior import sample_latents
-from pipeline.distributed import env
-from pipeline.distributed.stop import EXIT_STOPPED, request_stop
+from pipeline.distributed import collectives
 from pipeline.distributed.checkpoint import full_fp32_state_dict
 from pipeline.distributed.engine import BatchLayout, zero_stage
 from pipeline.models.factory import create_model_from_config
@@ -28,100 +22,6 @@ from pipeline.models.weights import (PRETRANSFORM_PREFIX, autoencoder_state_dict
 from pipeline.pretransform_identity import identity_differences, pretransform_identity
 
 logger = logging.getLogger(__name__)
-
-
-def scratch_dir(args) -> str:
-    """`--scratch-dir`, or a folder named after the output under $TMPDIR (local disk: staged checkpoints, shards)."""
-    name = "cantus-" + os.path.basename(args.output.rstrip("/"))
-    return args.scratch_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), name)
-
-
-SCRATCH_ENTRIES = ("rank-*", "shards", "weights", "ema-consolidate", "wandb-demos", "export-*.safetensors",
-                   "metrics.jsonl")
-"""Everything the train stage writes under its scratch folder, except W&B's offline run (`wandb/`, kept for
-`wandb sync`). A finished run deletes these and then the folder if it is empty; a test checks that nothing is
-left, so a new entry must be added here."""
-
-
-def remove_scratch(scratch: str) -> None:
-    """After a finished run (every rank past the last barrier; one call per node): delete the scratch folder."""
-    for pattern in SCRATCH_ENTRIES:
-        for path in glob.glob(os.path.join(glob.escape(scratch), pattern)):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(scratch)  # only if empty: a --scratch-dir the user shares with other files stays
-    if os.path.isdir(scratch):
-        logger.info("scratch %s kept: it holds files that are not the train stage's (W&B offline runs in wandb/)",
-                    scratch)
-    else:
-        logger.info("scratch %s removed (--keep-scratch keeps it)", scratch)
-
-
-def drop_staged(outputs) -> None:
-    """Remove this rank's staged checkpoint folders (an S3 output's local copies): after a resume has loaded
-    one, nothing staged is needed any more, and a save that failed half-way leaves nothing behind."""
-    if outputs.staged and os.path.isdir(outputs.local_root):
-        shutil.rmtree(outputs.local_root)
-
-
-@contextlib.contextmanager
-def output_lease(args, denv) -> Iterator[lease.Lease | None]:
-    """Collective: rank 0 holds `<out>/_lease.json` (pipeline/lease.py) for the run; when it cannot, every rank
-    raises the same error. The heartbeat's failure asks the loop to stop (with a checkpoint, or without one when
-    another trainer took the output over). Released at the end, unless the store is unavailable (releasing would
-    wait out the stall limit again; a requeue of this job takes its own lease over at once)."""
-    import torch.distributed as dist
-
-    held, error = None, None
-    if denv.rank == 0:
-        job = env.job_identity()
-        try:
-            held = lease.acquire(args.output, lease.Holder.this_process(job.job_id, job.restart_count),
-                                 args.lease_timeout)
-        except (lease.LeaseError, storage.StorageError) as e:
-            error = e
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)  # our own ranks: an exception object from rank 0
-        error = shared[0]
-    if error is not None:
-        raise error
-    if held is None:
-        yield None
-        return
-
-    def release() -> None:
-        try:
-            held.release()
-        except storage.StorageError as e:
-            logger.warning("%s: not released (%s); it turns stale after --lease-timeout %g s", held.url, e,
-                           held.timeout)
-
-    held.start_heartbeat(lambda message, lost: request_stop(message, save=not lost))
-    try:
-        yield held
-    except storage.StorageUnavailable:
-        held.stop_heartbeat()
-        raise
-    except BaseException:
-        release()
-        raise
-    release()
-
-
-def exit_code_for(error: BaseException) -> int:
-    """Train's exit code for a storage or lease error, after one line on stderr: 75 (requeue, then resume) for a
-    temporary storage failure, 2 for a permanent one, a held or unreadable lease."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    # A DataLoader worker's error arrives with the worker's traceback in its message: keep the last line.
-    last = last.split(f"{type(error).__name__}: ", 1)[-1]
-    temporary = isinstance(error, storage.StorageUnavailable)
-    sys.stderr.write(f"error: {last}\n" + ("exiting with 75: a requeue resumes from the last checkpoint\n"
-                                           if temporary else ""))
-    return EXIT_STOPPED if temporary else EXIT_USER_ERROR
 
 
 def local_copy(url: str, scratch: str) -> str:
@@ -220,7 +120,7 @@ def export_tensors_fn(module: torch.nn.Module, pretransform: torch.nn.Module | N
 
     def export(ema_tensors: dict | None) -> dict | None:
         tensors = full_fp32_state_dict(module)
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if collectives.rank() != 0:
             return None
         if use_ema:
             unknown = sorted(set(ema_tensors) - set(tensors))
@@ -246,36 +146,6 @@ def log_plan(cfg: ModelConfig, layout: BatchLayout, ds_config: dict, data: manif
                 "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32", layout.global_batch,
                 layout.micro_batch, layout.accumulation, layout.world_size, seconds, frames,
                 seconds * layout.global_batch, samples, per_epoch, max_steps, max_steps / max(per_epoch, 1))
-
-
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
-def window_rates(engine, layout: BatchLayout, window: dict, elapsed: float, epoch: int) -> dict:
-    """The fields of a log record after the loss, the same in both trainers: learning rate, gradient norm
-    (NaN when DeepSpeed reports none), samples/s over the window's `window["n"]` optimizer steps, the
-    fraction of the window spent waiting for data, and the data epoch."""
-    norm = engine.get_global_grad_norm()
-    return {"lr": engine.get_lr()[0], "grad_norm": float(norm) if norm is not None else float("nan"),
-            "samples_per_s": layout.global_batch * window["n"] / elapsed,
-            "data_wait": window["data_wait"] / elapsed, "epoch": epoch}
-
-
-def start_wandb(args, cfg: ModelConfig, denv, scratch: str):
-    """A W&B run on rank 0 (offline by default: no network needed; `wandb sync` later), or None."""
-    if args.wandb == "off" or denv.rank != 0:
-        return None
-    import wandb
-
-    os.makedirs(scratch, exist_ok=True)
-    return wandb.init(mode=args.wandb, dir=scratch, project="cantus", name=os.path.basename(args.output.rstrip("/")),
-                      config={"model_config": cfg.raw, "model_config_sha256": cfg.sha256,
-                              "args": {k: v for k, v in vars(args).items() if k != "local_rank"}})
 
 
 VALIDATION_T = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -310,8 +180,6 @@ def validation_losses(loader, model_fn_for, objective, loss_fn, *, module: torch
                     sums[i] += float(objective.loss(model_fn, x, t, noise, loss_fn=loss_fn).loss)
     finally:
         module.train(was_training)
-    sums = sums.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    means = (sums.cpu() / (loader.batches_per_epoch * (dist.get_world_size() if dist.is_initialized() else 1))).tolist()
+    sums = collectives.sum_over_ranks(sums.to(device))
+    means = (sums.cpu() / (loader.batches_per_epoch * collectives.world_size())).tolist()
     return {"val_loss": sum(means) / len(means), **{f"val_loss_t{t:.1f}": m for t, m in zip(VALIDATION_T, means)}}

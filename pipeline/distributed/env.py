@@ -3,7 +3,7 @@
 This is the only module that reads the launcher's environment variables. Supported launchers:
 torchrun and the `deepspeed` launcher (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), SLURM's
 `srun` (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), and a plain `python pipeline/train.py` (one process,
-world size 1).
+world size 1). `task_position` gives the planned stages their SLURM array task and rank (`pipeline/tasks.py`).
 
 Rendezvous under srun, unless MASTER_ADDR/MASTER_PORT are set: the address is the first node's `NodeAddr` as
 SLURM knows it (`scontrol show node <first host of SLURM_JOB_NODELIST>`; node names often do not resolve
@@ -164,6 +164,66 @@ def job_identity(environ: Mapping[str, str] | None = None) -> JobIdentity:
     env = os.environ if environ is None else environ
     restart = _int_var(env, "SLURM_RESTART_COUNT") if env.get("SLURM_RESTART_COUNT") else 0
     return JobIdentity(job_id=env.get("SLURM_JOB_ID") or None, restart_count=restart)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TaskPosition:
+    """Where a process of a planned stage (shard, pre_encode, render) sits: its SLURM array task and its
+    launcher rank within that task (`pipeline/tasks.py` turns these into task k of N)."""
+    array_index: int
+    """(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP; 0 outside an array."""
+    array_count: int
+    """SLURM_ARRAY_TASK_COUNT; 1 outside an array."""
+    rank: int
+    """Launcher rank within the array task, 0 .. ranks-1."""
+    ranks: int
+    """Ranks per array task; 1 without a launcher."""
+
+
+def task_position(environ: Mapping[str, str] | None = None) -> TaskPosition:
+    """The array task and launcher rank. The rank comes from RANK/WORLD_SIZE (torchrun, deepspeed, our slurm
+    scripts, which export them), else from an srun step (SLURM_PROCID/SLURM_STEP_NUM_TASKS). The batch script
+    itself is not an srun step: there SLURM_NTASKS counts tasks that do not run, so it is ignored."""
+    env = os.environ if environ is None else environ
+    array_index, array_count = _array_task(env)
+    rank, ranks = _task_rank(env)
+    return TaskPosition(array_index=array_index, array_count=array_count, rank=rank, ranks=ranks)
+
+
+def _task_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except KeyError:
+        raise ValueError(f"{name} is not set") from None
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def _array_task(env: Mapping[str, str]) -> tuple[int, int]:
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    task_id, first = _task_int(env, "SLURM_ARRAY_TASK_ID"), _task_int(env, "SLURM_ARRAY_TASK_MIN")
+    count = _task_int(env, "SLURM_ARRAY_TASK_COUNT")
+    step = _task_int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+    index, rest = divmod(task_id - first, step)
+    if rest or not 0 <= index < count:
+        raise ValueError(
+            f"SLURM_ARRAY_TASK_ID={task_id} is not task {index} of a range MIN={first} STEP={step} "
+            f"COUNT={count}: submit the array as one range (--array=0-{count - 1}), not a list")
+    return index, count
+
+
+def _task_rank(env: Mapping[str, str]) -> tuple[int, int]:
+    if "RANK" in env or "WORLD_SIZE" in env:
+        names = ("RANK", "WORLD_SIZE")
+    elif "SLURM_STEP_NUM_TASKS" in env:
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
+    else:
+        return 0, 1
+    rank, ranks = _task_int(env, names[0]), _task_int(env, names[1])
+    if not 0 <= rank < ranks:
+        raise ValueError(f"{names[0]}={rank} must be in [0, {names[1]}={ranks})")
+    return rank, ranks
 
 
 def _tasks_per_node(env: Mapping[str, str]) -> int:
