@@ -249,6 +249,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
             if not boundary:
                 continue
             step = engine.global_steps
+            run.tick(step)
             # EMA
             if ema is not None:
                 ema.update()

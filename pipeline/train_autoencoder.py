@@ -147,6 +147,7 @@ def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.
                 if disc_sched is not None:
                     disc_sched.step()
             step = engine.global_steps
+            run.tick(step)
             # EMA
             if ema is not None:
                 ema.update()

@@ -200,6 +200,7 @@ class TrainRun:
         self.stopped = False
         self.stop: StopFlag | None = None
         self.wandb = None
+        self.bar = None
 
     def resume(self, engine, *, generators: dict, ema) -> tuple[checkpoint.ResumeState, dict] | None:
         """Collective: load the ledger's newest checkpoint into engine, generators and EMA; its resume state and
@@ -225,6 +226,14 @@ class TrainRun:
             self.outputs.restart_metrics(self.step)
         self.wandb = start_wandb(self.args, self.cfg, self.denv, self.scratch)
         self.stop = StopFlag()
+        if self.denv.rank == 0 and sys.stderr.isatty():  # a bar on a terminal; SLURM logs get the log lines
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.args.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+    def tick(self, step: int) -> None:
+        """One optimizer step done (host-side only: the bar, when there is one)."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
     def should_stop(self, device: torch.device) -> bool:
         """Collective (the flag is all-reduced: a host sync): whether a stop signal reached any rank."""
@@ -257,7 +266,9 @@ class TrainRun:
                        "saved" if self.stop.may_save else "did not save", step, self.args.max_steps, EXIT_STOPPED)
 
     def close(self) -> None:
-        """Restore the signal handlers and finish W&B (also after an error)."""
+        """Restore the signal handlers, close the bar and finish W&B (also after an error)."""
+        if self.bar is not None:
+            self.bar.close()
         if self.stop is not None:
             self.stop.restore()
         if self.wandb is not None:
