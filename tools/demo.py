@@ -161,6 +161,7 @@ def main() -> int:
          render / "manifest.json", samples, "clips", 0),
         ("probe", [py, "-m", "pipeline.probe", "--checkpoint", str(dit_ledger), "--data",
                    str(latents_val / "manifest.json"), "--reference", str(data), "--num-prompts", "8", "--seeds-per-prompt", "4",
+                   "--cfg-scale", "6",  # bench/RESULTS.md: the probe at CFG 1, 3, 6
                    "--out", str(out / "probe.json")],
          out / "probe.json", None, "items", 0),
     ]
