@@ -74,7 +74,8 @@ def ema_swapped_in(params: list[tuple[str, torch.nn.Parameter]], ema: ShardedEMA
             for name, p in params:
                 if name in saved_part:
                     p.ds_tensor.data.copy_(saved_part[name])
-                if name in saved_full:
-                    p.data.copy_(saved_full[name])
+                if name in saved_full and not (_zero3(p) and not _available(p)):
+                    p.data.copy_(saved_full[name])  # (a ZeRO-3 parameter released during the block lives
+                    #                                   in its restored partition alone)
                 elif _zero3(p) and _available(p):  # gathered (and kept) during the block: from the restored partitions
                     p.data.copy_(_gather_partitions(p))
