@@ -192,7 +192,7 @@ def zero_fp32_state_dict(folder: str, source: str) -> dict[str, torch.Tensor]:
     if not any(n.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for n in os.listdir(folder)):
         raise ValueError(f"{source}: --no-ema needs a ZeRO 1-3 checkpoint (this one has no ZeRO partitions); "
                          f"train with use_ema false to export raw weights at each checkpoint")
-    with weights_only_loads():  # zero_to_fp32 unpickles with weights_only=False by itself
+    with weights_only_loads():  # zero_to_fp32 would unpickle with arbitrary globals by itself
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
         except (KeyError, IndexError, AssertionError) as e:  # files that load but do not hold what DeepSpeed wrote

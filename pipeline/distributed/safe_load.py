@@ -2,8 +2,8 @@
 
 A checkpoint folder is read from storage, so it is untrusted: a pickle planted under a name DeepSpeed reads
 (`mp_rank_*_model_states.pt`, `[bf16_]zero_pp_rank_*_optim_states.pt`, ...) must not run code. DeepSpeed
-0.19.8 itself calls `torch.load(..., weights_only=False)` (`TorchCheckpointEngine.load`, `utils/zero_to_fp32`,
-the base and ZeRO-3 optimizers' load paths), so an allowlist alone would change nothing. Every DeepSpeed call
+0.19.8 itself turns weights-only loading off in its own `torch.load` calls (`TorchCheckpointEngine.load`,
+`utils/zero_to_fp32`, the base and ZeRO-3 optimizers' load paths), so an allowlist alone would change nothing. Every DeepSpeed call
 that reads a checkpoint (`engine.load_checkpoint`, the ZeRO-to-fp32 consolidation) runs inside
 `weights_only_loads()`, which replaces `torch.load` for the duration of the call with `load_weights_only`:
 tensors, plain containers and `ALLOWED_GLOBALS`, nothing else. We do not fork DeepSpeed.

