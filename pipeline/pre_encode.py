@@ -273,21 +273,19 @@ def run_task(args, work: list[tuple[int, dict]], slot, progress: Progress) -> tu
     outputs, rejects = [], []
     for i, item in work:
         marker = storage.join(args.output, "_items", f"{i}.json")
-        if storage.exists(marker):
+        if storage.exists(marker):  # finished by an earlier run: its samples count at once
             record = json.loads(storage.read_bytes(marker))
-        else:
+            progress.update(items=0, samples=sum(e["samples"] for e in record["outputs"]),
+                            seconds=sum(e["seconds"] for e in record["outputs"]))
+        else:  # progress batch by batch
             out_url = storage.join(args.output, f"latents-{slot.index:05d}-{i:06d}.tar")
             entries, bad = encode_shard(enc, item, out_url, args, on_batch=lambda samples, seconds:
                                         progress.update(items=0, samples=samples, seconds=seconds))
-            record = {"outputs": entries, "rejects": bad, "fresh": True}
-            storage.write(marker, json.dumps({k: record[k] for k in ("outputs", "rejects")}).encode())
+            record = {"outputs": entries, "rejects": bad}
+            storage.write(marker, json.dumps(record).encode())
         outputs += record["outputs"]
         rejects += record["rejects"]
-        if record.get("fresh"):
-            progress.update()
-        else:  # finished by an earlier run
-            progress.update(samples=sum(e["samples"] for e in record["outputs"]),
-                            seconds=sum(e["seconds"] for e in record["outputs"]))
+        progress.update()
     return outputs, rejects
 
 

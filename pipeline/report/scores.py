@@ -231,6 +231,8 @@ def read_listing(url: str, limit: int | None = None) -> list[dict]:
             raise ValueError(f"{listing}: line {n} is not JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("path"), str):
             raise ValueError(f"{listing}: line {n} needs a 'path' (relative to {url})")
+        if row["path"].startswith("/") or ".." in row["path"].split("/"):
+            raise ValueError(f"{listing}: line {n}: path {row['path']!r} must stay below {url}")
         rows.append(row)
     return rows
 

@@ -212,3 +212,11 @@ def test_confusion_counts_prompted_against_predicted():
     from pipeline.report.scores import confusion
     assert confusion(["flute", "flute", "cello"], ["flute", "cello", "cello"]) == \
         {"cello": {"cello": 1}, "flute": {"cello": 1, "flute": 1}}
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.flac", "a/../../b.flac"])
+def test_a_listing_row_whose_path_leaves_the_folder_is_refused(tmp_path, path):
+    from pipeline.report.scores import read_listing
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"path": path}) + "\n")
+    with pytest.raises(ValueError, match="must stay below"):
+        read_listing(str(tmp_path))
