@@ -49,21 +49,22 @@ def write_references(output: str, prompts: dict[str, dict], reference: str, per_
     from pipeline.report.scores import Clip, read_listing
 
     rows = read_listing(reference)
+    through_vae = model.pretransform is not None
     out = []
     for prompt_id, metadata in prompts.items():
         for n, i in enumerate(nearest(metadata, rows, per_prompt)):
             row = rows[i]
-            audio, rate = decode(storage.read_bytes(storage.join(reference, row["path"])))
+            source = storage.join(reference, row["path"])
+            audio, rate = decode(storage.read_bytes(source))
             clip = Clip(audio, rate, row.get("key"), row.get("instrument"))
-            if model.pretransform is not None:
+            if through_vae:
                 [clip] = through_pretransform(model.pretransform, [clip], cfg, device, seed=i)
-            info = {"source": storage.join(reference, row["path"]), "labels": {k: v for k, v in row.items() if k != "path"},
-                    "through_vae": model.pretransform is not None, "match": list(match(metadata, row))}
+            info = {"source": source, "labels": {k: v for k, v in row.items() if k != "path"},
+                    "through_vae": through_vae, "match": list(match(metadata, row))}
             stem = f"references/{prompt_id}/{n}"
             for ext, data in clip_files(torch.as_tensor(clip.audio), clip.sample_rate, info).items():
                 storage.write(storage.join(output, stem + ext), data)
-            label = str(row.get("prompt", row["path"])) + (" (real, through the VAE)" if model.pretransform is not None
-                                                           else " (real)")
+            label = str(row.get("prompt", row["path"])) + (" (real, through the VAE)" if through_vae else " (real)")
             out.append(Reference(prompt_id, label, stem + ".flac", stem + ".png"))
     logger.info("%d reference clips for %d prompts from %s", len(out), len(prompts), reference)
     return out
