@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.diffusion import Guidance, create_distribution_shift, create_objective, create_sampler
+from pipeline.models.conditioning import Conditioning
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ def _guided_model_fn(model, metadata, negative_metadata, cfg_scale, scale_phi, c
     if getattr(model, "conditioner", None) is None:
         def uncond_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with _autocast(device, dtype):
-                return model(x, t).float()
+                return model.predict(x, t, Conditioning(), Guidance()).float()
         return uncond_fn
 
     with torch.no_grad(), _autocast(device, dtype):

@@ -45,7 +45,8 @@ from pipeline.cli import USER_ERRORS, report_error
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.data.latents import derived_seed
 from pipeline.data.shards import iter_samples, read_json
-from pipeline.diffusion import create_objective
+from pipeline.diffusion import Guidance, create_objective
+from pipeline.models.conditioning import Conditioning
 from pipeline.pretransform_identity import identity_differences, pretransform_identity
 from pipeline.report import scores
 
@@ -196,11 +197,12 @@ def prompt_losses(model: torch.nn.Module, objective, val: ValSet, frames: int, m
         x, noise, mask = (torch.stack(v).to(device) for v in (xs, noises, masks))
         batch_meta = [metadata[i] for i in idx]
         with torch.no_grad():
-            cond = model.conditioner(batch_meta, device) if model.conditioner is not None else None
+            cond = (model.route(model.conditioner(batch_meta, device)) if model.conditioner is not None
+                    else Conditioning())
             for j, t in enumerate(TIMESTEPS):
                 t_vec = torch.full((len(idx),), t, device=device)
-                fn = (lambda x_t, tt: model(x_t, tt, cond, cfg_scale=1.0)) if cond is not None else model
-                result = objective.loss(fn, x, t_vec, noise[:, j], padding_mask=mask)
+                result = objective.loss(lambda x_t, tt: model.predict(x_t, tt, cond, Guidance()), x, t_vec,
+                                        noise[:, j], padding_mask=mask)
                 out[start:start + len(idx), j] = result.per_sample.double().cpu().numpy()
     return out
 

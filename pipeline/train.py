@@ -33,6 +33,7 @@ from pipeline.cli import run_main
 from pipeline.config import ModelConfig, load_model_config
 from pipeline.data.latents import Batch, CropSpec, LatentLoader, ShardDataset, ShardRef, build_loader, shard_refs
 from pipeline.data.posterior import sample_latents
+from pipeline.diffusion.cfg import Guidance
 from pipeline.diffusion.losses import DiffusionLoss
 from pipeline.diffusion.objectives import create_objective
 from pipeline.diffusion.optim import create_optimizer_and_scheduler
@@ -41,6 +42,7 @@ from pipeline.distributed import env
 from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.stop import catch_early
+from pipeline.models.conditioning import Conditioning
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
 from pipeline.train_run import MetricsWindow, TrainRun, run_leased, scratch_dir
 from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
@@ -214,13 +216,15 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
                              pretransform=pretransform.to(device) if pretransform is not None else None)
 
     def model_fn_for(batch: Batch, cfg_dropout_prob: float, mask: torch.Tensor | None):
-        """The network with this batch's conditioning closed over: `model_fn(x_t, t)` as the objective calls it."""
-        cond = model.conditioner(batch.metadata, device) if model.conditioner is not None else None
-        extra = {"cfg_dropout_prob": cfg_dropout_prob} if cond is not None else {}
+        """The network with this batch's routed conditioning closed over: `model_fn(x_t, t)` as the objective
+        calls it. The typed call (`predict`), made through the engine (see the wrapper's `forward`)."""
+        cond = (model.route(model.conditioner(batch.metadata, device)) if model.conditioner is not None
+                else Conditioning())
+        guidance = Guidance(dropout_prob=cfg_dropout_prob)  # scale 1: training never guides
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=model_dtype, enabled=model_dtype != torch.float32):
-                return engine(x_t.to(model_dtype), t, cond, mask=mask, **extra).float()
+                return engine(x_t.to(model_dtype), t, cond, guidance=guidance, mask=mask).float()
         return model_fn
 
     try:

@@ -14,8 +14,9 @@ How a train step uses it (``cfg`` a ``pipeline.config.ModelConfig``; each factor
 
     t = timesteps(batch_size, generator=g).to(device)                         # (B,), t = 1 is noise
     t = shift(t, latents.shape[-1]) if shift is not None else t
+    cond = model.route(model.conditioner(batch.metadata, device))              # a models.conditioning.Conditioning
     mask = loss_fn.padding_mask_for_step(batch.padding_mask, generator=g)     # None, or (B, T)
-    out = objective.loss(lambda x_t, t: model(x_t, t, cond, mask=mask, cfg_dropout_prob=p),
+    out = objective.loss(lambda x_t, t: model.predict(x_t, t, cond, Guidance(dropout_prob=p), mask=mask),
                          latents, t, noise, loss_fn, padding_mask=mask)       # out.loss, out.terms, out.per_sample
     ...; ema.update(params)
 

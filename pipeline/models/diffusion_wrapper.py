@@ -116,6 +116,10 @@ class DiffusionModelWrapper(nn.Module):
         return self.model.predict(x, t, cond, guidance, mask=mask)
 
     def forward(self, x, t, cond=None, **kwargs):
+        """SAT's call (the backbone's keywords), or the typed call through DeepSpeed's engine (see
+        `ConditionedDiffusionModelWrapper.forward`)."""
+        if isinstance(cond, Conditioning):
+            return self.predict(x, t, cond, **kwargs)
         return self.model(x, t, **kwargs)
 
 
@@ -191,6 +195,10 @@ class ConditionedDiffusionModelWrapper(nn.Module):
         """The typed call: routed conditioning and guidance settings."""
         return self.model.predict(x, t, cond, guidance, mask=mask)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
-        """SAT's call: conditioning tensors and the backbone's SAT keywords (its own defaults)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond, **kwargs) -> torch.Tensor:
+        """SAT's call: conditioning tensors ({id: [tensor, mask]}) and the backbone's SAT keywords (its own
+        defaults). A routed `Conditioning` (with `guidance` and `mask`) is the typed call, `predict`: DeepSpeed's
+        engine can only call `forward`, so the training loop reaches `predict` this way."""
+        if isinstance(cond, Conditioning):
+            return self.predict(x, t, cond, **kwargs)
         return self.model(x, t, **self.get_conditioning_inputs(cond), **kwargs)
