@@ -36,6 +36,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config_training import (LossBlock, LossTerm, OptimizerGroup, parse_autoencoder_losses,
+                                      parse_diffusion_losses, parse_optimizer_configs)
+
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("diffusion_cond", "diffusion_uncond", "autoencoder")
@@ -305,8 +308,11 @@ class TrainingConfig:
     use_ema: bool = True
     """Keep an EMA of the weights (the docs' default; SAT's autoencoder factory defaults to false)."""
     log_loss_info: bool = False
-    loss_configs: dict | None = None
-    optimizer_configs: dict | None = None
+    loss_configs: "tuple[LossTerm, ...] | dict[str, LossBlock] | None" = None
+    """Parsed ``loss_configs`` (`pipeline.config_training`): a diffusion model's loss terms, or an autoencoder's
+    {name: LossBlock}; None gives SAT's default losses."""
+    optimizer_configs: "dict[str, OptimizerGroup] | None" = None
+    """Parsed ``optimizer_configs``: {group: OptimizerGroup} (``diffusion``; ``autoencoder``, ``discriminator``)."""
     demo: DemoConfig | None = None
     pre_encoded: bool = False
     """Train on pre-encoded latents."""
@@ -451,19 +457,6 @@ def _check_text_model_path(value: Any, key: str) -> None:
                           f"imported")
 
 
-def _check_learning_rates(optimizer_configs: dict | None, key: str) -> None:
-    """Each ``optimizer_configs.<group>.optimizer.config.lr`` given must be a finite number >= 0 (a string
-    would otherwise fail inside the optimizer at the first step)."""
-    for group, section in (optimizer_configs or {}).items():
-        optimizer = section.get("optimizer") if isinstance(section, dict) else None
-        config = optimizer.get("config") if isinstance(optimizer, dict) else None
-        if not isinstance(config, dict) or "lr" not in config:
-            continue
-        lr = config["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ConfigError(f"{key}.{group}.optimizer.config.lr: expected a number >= 0, got {_show(lr)}")
-
-
 def _parse_block(parser, data: dict, key_path: str):
     unknown: list[str] = []
     out = parser(_Section(data, key_path, unknown))
@@ -541,23 +534,29 @@ def _training_cantus(s: _Section | None) -> TrainingCantus:
     return out
 
 
-def _training(s: _Section | None) -> TrainingConfig:
+def _training(s: _Section | None, model_type: str) -> TrainingConfig:
     if s is None:
         return TrainingConfig()
     cantus = s.section("cantus")
     if cantus is not None:
         cantus.unknown = None  # our own section: unknown keys are errors
+    losses, optimizers = s.dict("loss_configs"), s.dict("optimizer_configs")
+    parse_losses = parse_autoencoder_losses if model_type == "autoencoder" else parse_diffusion_losses
+    try:
+        losses = parse_losses(losses, s.key("loss_configs")) if losses is not None else None
+        optimizers = parse_optimizer_configs(optimizers, s.key("optimizer_configs")) if optimizers is not None else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out = TrainingConfig(
         learning_rate=s.float("learning_rate"), use_ema=s.bool("use_ema", True),
-        log_loss_info=s.bool("log_loss_info"), loss_configs=s.dict("loss_configs"),
-        optimizer_configs=s.dict("optimizer_configs"), demo=_demo(s.section("demo")),
+        log_loss_info=s.bool("log_loss_info"), loss_configs=losses,
+        optimizer_configs=optimizers, demo=_demo(s.section("demo")),
         pre_encoded=s.bool("pre_encoded"), cfg_dropout_prob=s.float("cfg_dropout_prob", 0.1),
         timestep_sampler=s.str("timestep_sampler", "uniform", choices=TIMESTEP_SAMPLERS),
         timestep_sampler_options=dict(s.dict("timestep_sampler_options", {})),
         mask_padding=s.bool("mask_padding"), mask_padding_dropout=s.float("mask_padding_dropout", 0.0),
         warmup_steps=s.int("warmup_steps", 0, minimum=0), encoder_freeze_on_warmup=s.bool("encoder_freeze_on_warmup"),
         clip_grad_norm=s.float("clip_grad_norm", 0.0), cantus=_training_cantus(cantus))
-    _check_learning_rates(out.optimizer_configs, s.key("optimizer_configs"))
     if out.learning_rate is not None and not (math.isfinite(out.learning_rate) and out.learning_rate >= 0):
         raise ConfigError(f"{s.key('learning_rate')}: expected a number >= 0, got {out.learning_rate}")
     for name in ("cfg_dropout_prob", "mask_padding_dropout"):
@@ -671,7 +670,7 @@ def _parse_model(raw: dict, name: str) -> ModelConfig:
         model_type=model_type, sample_size=top.int("sample_size", required=True, minimum=1),
         sample_rate=top.int("sample_rate", required=True, minimum=1),
         audio_channels=top.int("audio_channels", 2, minimum=1), model=section,
-        training=_training(training), raw=raw, sha256=sha256_of(raw), source=name)
+        training=_training(training, model_type), raw=raw, sha256=sha256_of(raw), source=name)
     top.done()
     cfg = dataclasses.replace(cfg, unknown_keys=tuple(unknown))
     _check_model(cfg)

@@ -79,7 +79,7 @@ def test_autoencoder_config_parses_its_blocks():
     auto = cfg.model.autoencoder
     assert (auto.encoder.type, auto.bottleneck.type, auto.latent_dim, auto.downsampling_ratio) == \
         ("oobleck", "vae", 64, 2048)
-    assert cfg.training.loss_configs["bottleneck"]["weights"]["kl"] == 1e-4
+    assert cfg.training.loss_configs["bottleneck"].weights["kl"] == 1e-4
 
 
 def test_sub_blocks_parse_on_their_own():

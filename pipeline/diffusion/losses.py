@@ -15,6 +15,7 @@ Schema (SAT's autoencoder ``loss_configs`` shape, one entry per term; the total 
         }
     }
 
+The block is parsed and checked with the training block (`pipeline.config_training.parse_diffusion_losses`).
 Absent (the default) means SAT's loss: one plain MSE term named ``mse_loss``. ``min_snr`` is
 Min-SNR-gamma (Hang et al. 2023): the data-space error is weighted by ``min(SNR(t), gamma)``;
 expressed on the network output that is ``min(SNR, gamma) * c(t)**2``, with ``c(t)`` the objective's
@@ -29,7 +30,7 @@ per batch with Python's ``random``; we draw it from the caller's generator).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -81,50 +82,6 @@ class LossTerm:
         return snr * objective.output_scale(t) ** 2
 
 
-def _number(value: Any, key: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key}={value!r}: expected a number")
-    if minimum is not None and not value > minimum:
-        raise ValueError(f"{key}={value!r}: expected a number > {minimum}")
-    return float(value)
-
-
-def parse_loss_term(name: str, block: Any) -> LossTerm:
-    """One ``loss_configs`` entry, validated; errors name the key path."""
-    key = f"{_KEY}.{name}"
-    if not isinstance(block, dict):
-        raise ValueError(f"{key}: expected an object with 'type', got {block!r}")
-    unknown = sorted(set(block) - {"type", "weights", "config"})
-    if unknown:
-        raise ValueError(f"{key}: unknown keys {unknown}; expected 'type', 'weights', 'config'")
-    kind = block.get("type")
-    if kind not in LOSS_TYPES:
-        raise ValueError(f"{key}.type={kind!r}: expected one of {list(LOSS_TYPES)}")
-    weight = 1.0
-    if "weights" in block:
-        weights = block["weights"]
-        if not isinstance(weights, dict) or set(weights) != {kind}:
-            raise ValueError(f"{key}.weights={weights!r}: expected {{{kind!r}: <number>}}")
-        weight = _number(weights[kind], f"{key}.weights.{kind}")
-    config = block.get("config", {})
-    if not isinstance(config, dict):
-        raise ValueError(f"{key}.config: expected an object, got {config!r}")
-    allowed = {"timestep_weighting", "min_snr_gamma"} | ({"delta"} if kind == "huber" else set())
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(f"{key}.config: unknown keys {unknown} for type {kind!r}; expected {sorted(allowed)}")
-    weighting = config.get("timestep_weighting", "none")
-    if weighting not in TIMESTEP_WEIGHTINGS:
-        raise ValueError(f"{key}.config.timestep_weighting={weighting!r}: expected one of {list(TIMESTEP_WEIGHTINGS)}")
-    if "min_snr_gamma" in config and weighting != "min_snr":
-        raise ValueError(f"{key}.config.min_snr_gamma is set but timestep_weighting is {weighting!r}, not 'min_snr'")
-    return LossTerm(
-        name=name, type=kind, weight=weight,
-        delta=_number(config.get("delta", 1.0), f"{key}.config.delta", minimum=0.0),
-        timestep_weighting=weighting,
-        min_snr_gamma=_number(config.get("min_snr_gamma", 5.0), f"{key}.config.min_snr_gamma", minimum=0.0))
-
-
 class DiffusionLoss:
     """The weighted sum of loss terms, with padding masks and per-timestep weights."""
 
@@ -144,15 +101,13 @@ class DiffusionLoss:
         return cls((LossTerm(name="mse_loss", type="mse"),), mask_padding, mask_padding_dropout)
 
     @classmethod
-    def from_config(cls, loss_configs: dict | None, mask_padding: bool = False,
+    def from_config(cls, terms: tuple[LossTerm, ...] | None, mask_padding: bool = False,
                     mask_padding_dropout: float = 0.0) -> "DiffusionLoss":
-        """Build from ``training.loss_configs`` (None gives SAT's plain MSE)."""
-        if loss_configs is None:
+        """From ``training.loss_configs`` as `pipeline.config_training.parse_diffusion_losses` parsed it (None gives
+        SAT's plain MSE)."""
+        if terms is None:
             return cls.mse(mask_padding, mask_padding_dropout)
-        if not isinstance(loss_configs, dict):
-            raise ValueError(f"{_KEY}: expected an object of named terms, got {loss_configs!r}")
-        terms = tuple(parse_loss_term(name, block) for name, block in loss_configs.items())
-        return cls(terms, mask_padding, mask_padding_dropout)
+        return cls(tuple(terms), mask_padding, mask_padding_dropout)
 
     def padding_mask_for_step(self, padding_mask: torch.Tensor | None,
                               generator: torch.Generator | None = None) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules from ``training.optimizer_configs`` (SAT's layout)::
+"""Optimizers and learning-rate schedules from ``training.optimizer_configs`` (SAT's layout, parsed and checked
+with the training block by `pipeline.config_training`)::
 
     "optimizer_configs": {"diffusion": {
         "optimizer": {"type": "AdamW", "config": {"lr": 5e-5, "betas": [0.9, 0.999], "weight_decay": 1e-3}},
@@ -18,9 +19,8 @@ without a GPU measurement (bench/gpu_suite.py times a step with it); ``FusedAdam
 """
 from __future__ import annotations
 
-import inspect
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -58,68 +58,36 @@ class InverseLR(torch.optim.lr_scheduler.LRScheduler):
         return [warmup * max(self.final_lr, base_lr * decay) for base_lr in self.base_lrs]
 
 
-def _check_kwargs(cls: type, config: dict, key: str, skip: int) -> None:
-    params = list(inspect.signature(cls).parameters.values())[skip:]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    names = [p.name for p in params]
-    unknown = sorted(set(config) - set(names))
-    if unknown:
-        raise ValueError(f"{key}.config: {cls.__name__} has no arguments {unknown}; it takes {names}")
-
-
-def _block(block: Any, key: str) -> tuple[str, dict]:
-    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-        raise ValueError(f"{key}: expected {{'type': <name>, 'config': {{...}}}}, got {block!r}")
-    unknown = sorted(set(block) - {"type", "config"})
-    if unknown:
-        raise ValueError(f"{key}: unknown keys {unknown}; expected 'type' and 'config'")
-    config = block.get("config", {})
-    if not isinstance(config, dict):
-        raise ValueError(f"{key}.config: expected an object, got {config!r}")
-    return block["type"], config
-
-
-def create_optimizer(block: dict, params: Iterable[torch.Tensor] | Iterable[dict], key: str,
+def create_optimizer(block, params: Iterable[torch.Tensor] | Iterable[dict],
                      extra_optimizers: Mapping[str, type] | None = None, fused: bool = False) -> torch.optim.Optimizer:
-    """An optimizer from one ``{"type", "config"}`` block at config path ``key`` (``fused``: module docstring)."""
-    name, config = _block(block, key)
+    """An optimizer from one parsed ``{"type", "config"}`` block (a `pipeline.config_training.TypedBlock`, its
+    type and config keys checked when the config was parsed; ``fused``: module docstring)."""
+    name, config = block.type, dict(block.config)
     extra = dict(extra_optimizers or {})
     if name in extra:
         cls = extra[name]
     elif name in DEEPSPEED_OPTIMIZERS:
-        raise ValueError(f"{key}.type={name!r} is a DeepSpeed optimizer; the caller must supply it "
+        raise ValueError(f"{block.key}.type={name!r} is a DeepSpeed optimizer; the caller must supply it "
                          f"(extra_optimizers={{'{name}': deepspeed.ops...}}), or use a torch.optim name such as 'AdamW'")
     else:
-        cls = getattr(torch.optim, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            known = sorted(n for n, c in vars(torch.optim).items()
-                           if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
-            raise ValueError(f"{key}.type={name!r} is not a torch.optim optimizer; expected one of {known + sorted(extra)}")
-    _check_kwargs(cls, config, key, skip=1)
+        cls = getattr(torch.optim, name)
     if fused and name not in extra and name in FUSED_OPTIMIZERS and not {"fused", "foreach"} & set(config):
         config = {**config, "fused": True}
     return cls(params, **config)
 
 
-def create_scheduler(block: dict, optimizer: torch.optim.Optimizer, key: str) -> torch.optim.lr_scheduler.LRScheduler:
-    """A scheduler from one ``{"type", "config"}`` block: ``InverseLR`` or a ``torch.optim.lr_scheduler`` name."""
-    name, config = _block(block, key)
-    if name == "InverseLR":
-        cls = InverseLR
-    else:
-        cls = getattr(torch.optim.lr_scheduler, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
-            raise ValueError(f"{key}.type={name!r} is neither 'InverseLR' nor a torch.optim.lr_scheduler class")
-    _check_kwargs(cls, config, key, skip=1)
-    return cls(optimizer, **config)
+def create_scheduler(block, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler from one parsed block: ``InverseLR`` or a ``torch.optim.lr_scheduler`` name."""
+    cls = InverseLR if block.type == "InverseLR" else getattr(torch.optim.lr_scheduler, block.type)
+    return cls(optimizer, **block.config)
 
 
 def create_optimizer_and_scheduler(
-        optimizer_configs: dict | None, learning_rate: float | None, params: Iterable[torch.Tensor],
+        optimizer_configs: Mapping | None, learning_rate: float | None, params: Iterable[torch.Tensor],
         group: str = "diffusion", extra_optimizers: Mapping[str, type] | None = None, fused: bool = False,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer (and scheduler, if configured) of ``training.optimizer_configs.<group>``.
+    """The optimizer (and scheduler, if configured) of ``training.optimizer_configs.<group>``
+    (``optimizer_configs``: {group: `pipeline.config_training.OptimizerGroup`}, as the config parsed it).
 
     ``group`` is ``diffusion`` for diffusion models (``autoencoder``/``discriminator`` for autoencoders);
     ``fused``: use torch's fused Adam/AdamW kernel (module docstring).
@@ -131,16 +99,10 @@ def create_optimizer_and_scheduler(
     if learning_rate is not None:
         logger.warning("training.learning_rate=%s is ignored: training.optimizer_configs is set (as in SAT)",
                        learning_rate)
-    key = f"training.optimizer_configs.{group}"
-    section = optimizer_configs.get(group)
-    if not isinstance(section, dict) or "optimizer" not in section:
-        raise ValueError(f"{key}: expected an object with 'optimizer' (and optionally 'scheduler'); "
-                         f"optimizer_configs has {sorted(optimizer_configs)}")
-    unknown = sorted(set(section) - {"optimizer", "scheduler"})
-    if unknown:
-        raise ValueError(f"{key}: unknown keys {unknown}; expected 'optimizer' and 'scheduler'")
-    optimizer = create_optimizer(section["optimizer"], params, f"{key}.optimizer", extra_optimizers, fused=fused)
-    scheduler = None
-    if "scheduler" in section:
-        scheduler = create_scheduler(section["scheduler"], optimizer, f"{key}.scheduler")
+    if group not in optimizer_configs:
+        raise ValueError(f"training.optimizer_configs.{group}: expected an object with 'optimizer' (and optionally "
+                         f"'scheduler'); optimizer_configs has {sorted(optimizer_configs)}")
+    section = optimizer_configs[group]
+    optimizer = create_optimizer(section.optimizer, params, extra_optimizers, fused=fused)
+    scheduler = create_scheduler(section.scheduler, optimizer) if section.scheduler is not None else None
     return optimizer, scheduler

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import AutoencoderConfig, ConfigError, MissingPackageError, ModuleConfig, PretransformConfig
-from pipeline.models.arguments import check_arguments
+from pipeline.arguments import check_arguments
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck
 from pipeline.models.dac import DACDecoderWrapper, DACEncoderWrapper

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import ConfigError
+from pipeline.config_training import LossBlock
 from pipeline.models.blocks import WNConv2d
 
 logger = logging.getLogger(__name__)
@@ -195,15 +196,15 @@ def feature_matching(real_features: list[torch.Tensor], fake_features: list[torc
 # SAT's defaults when `loss_configs` is absent (`AutoencoderTrainingWrapper.__init__`).
 _SCALES = [2048, 1024, 512, 256, 128, 64, 32]
 DEFAULT_LOSS_CONFIGS = {
-    "discriminator": {"type": "encodec",
-                      "config": {"n_ffts": _SCALES, "hop_lengths": [s // 4 for s in _SCALES],
-                                 "win_lengths": _SCALES, "filters": 32},
-                      "weights": {"adversarial": 0.1, "feature_matching": 5.0}},
-    "spectral": {"type": "mrstft",
-                 "config": {"fft_sizes": _SCALES, "hop_sizes": [s // 4 for s in _SCALES], "win_lengths": _SCALES,
-                            "perceptual_weighting": True},
-                 "weights": {"mrstft": 1.0}},
-    "time": {"type": "l1", "config": {}, "weights": {"l1": 0.0}},
+    "discriminator": LossBlock(type="encodec",
+                               config={"n_ffts": _SCALES, "hop_lengths": [s // 4 for s in _SCALES],
+                                       "win_lengths": _SCALES, "filters": 32},
+                               weights={"adversarial": 0.1, "feature_matching": 5.0}),
+    "spectral": LossBlock(type="mrstft",
+                          config={"fft_sizes": _SCALES, "hop_sizes": [s // 4 for s in _SCALES], "win_lengths": _SCALES,
+                                  "perceptual_weighting": True},
+                          weights={"mrstft": 1.0}),
+    "time": LossBlock(type="l1", config={}, weights={"l1": 0.0}),
 }
 _DEFAULT_KL_WEIGHT = 1e-6  # SAT's fallback when loss_configs.bottleneck.weights.kl is missing
 
@@ -232,14 +233,13 @@ class AutoencoderLosses(nn.Module):
         self.warmup_mode = warmup_mode  # "adv": the discriminator trains during warm-up; "full": it waits too
 
 
-def _weights(block: Mapping, allowed: tuple[str, ...], key_path: str) -> dict[str, float]:
-    weights = dict(block.get("weights", {}))
-    unknown = sorted(set(weights) - set(allowed))
+def _weights(block: LossBlock, allowed: tuple[str, ...], key_path: str) -> dict[str, float]:
+    unknown = sorted(set(block.weights) - set(allowed))
     if unknown:
         raise ConfigError(f"{key_path}.weights: unknown weight(s) {unknown}; expected {list(allowed)}")
-    if block.get("decay", 1.0) != 1.0:
-        raise ConfigError(f"{key_path}.decay={block['decay']}: loss-weight decay is not supported; remove it")
-    return weights
+    if block.decay != 1.0:
+        raise ConfigError(f"{key_path}.decay={block.decay}: loss-weight decay is not supported; remove it")
+    return dict(block.weights)
 
 
 def _construct(cls, kwargs: Mapping, key_path: str, **extra):
@@ -251,9 +251,10 @@ def _construct(cls, kwargs: Mapping, key_path: str, **extra):
         raise ConfigError(f"{key_path}: {e}") from None
 
 
-def create_autoencoder_losses(loss_configs: Mapping | None, sample_rate: int, channels: int,
+def create_autoencoder_losses(loss_configs: Mapping[str, LossBlock] | None, sample_rate: int, channels: int,
                               warmup_mode: str = "adv", key_path: str = "training.loss_configs") -> AutoencoderLosses:
-    """Build the losses from SAT's `training.loss_configs` (None: SAT's defaults)."""
+    """Build the losses from SAT's `training.loss_configs`, as `pipeline.config_training.parse_autoencoder_losses`
+    parsed it (None: SAT's defaults)."""
     configs = DEFAULT_LOSS_CONFIGS if loss_configs is None else loss_configs
     unsupported = sorted(set(configs) & {"mrmel", "hubert"})
     if unsupported:
@@ -265,10 +266,10 @@ def create_autoencoder_losses(loss_configs: Mapping | None, sample_rate: int, ch
     if "spectral" not in configs:
         raise ConfigError(f"{key_path}.spectral is required (SAT reads it unconditionally)")
     spectral_block = configs["spectral"]
-    if spectral_block.get("type", "mrstft") != "mrstft":
-        raise ConfigError(f"{key_path}.spectral.type={spectral_block['type']!r}: only 'mrstft' is supported")
+    if spectral_block.type not in (None, "mrstft"):
+        raise ConfigError(f"{key_path}.spectral.type={spectral_block.type!r}: only 'mrstft' is supported")
     weights = _weights(spectral_block, ("mrstft",), f"{key_path}.spectral")
-    spectral = _construct(SpectralLoss, spectral_block.get("config", {}), f"{key_path}.spectral.config",
+    spectral = _construct(SpectralLoss, spectral_block.config, f"{key_path}.spectral.config",
                           channels=channels, sample_rate=sample_rate)
     if "time" in configs:
         weights |= _weights(configs["time"], ("l1", "l2"), f"{key_path}.time")
@@ -277,10 +278,10 @@ def create_autoencoder_losses(loss_configs: Mapping | None, sample_rate: int, ch
     discriminator = None
     if "discriminator" in configs:
         block = configs["discriminator"]
-        if block.get("type") != "encodec":
-            raise ConfigError(f"{key_path}.discriminator.type={block.get('type')!r}: only 'encodec' is supported")
+        if block.type != "encodec":
+            raise ConfigError(f"{key_path}.discriminator.type={block.type!r}: only 'encodec' is supported")
         weights |= _weights(block, ("adversarial", "feature_matching"), f"{key_path}.discriminator")
-        discriminator = _construct(MultiScaleSTFTDiscriminator, block.get("config", {}),
+        discriminator = _construct(MultiScaleSTFTDiscriminator, block.config,
                                    f"{key_path}.discriminator.config", in_channels=channels)
     return AutoencoderLosses(spectral, discriminator, LossWeights(**weights), warmup_mode)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TEXT_MODEL_PACKAGES, MissingPackageError
-from pipeline.models.arguments import check_arguments
+from pipeline.arguments import check_arguments
 
 logger = logging.getLogger(__name__)
 

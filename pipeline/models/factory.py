@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
 from pipeline.models.conditioning import check_config_routes
-from pipeline.models.arguments import check_arguments
+from pipeline.arguments import check_arguments
 from pipeline.models.conditioners import create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
                                                DiTUncondWrapper, DiTWrapper)

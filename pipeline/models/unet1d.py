@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.diffusion.cfg import Guidance, apply_cfg
-from pipeline.models.arguments import check_arguments
+from pipeline.arguments import check_arguments
 from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d_blocks import (

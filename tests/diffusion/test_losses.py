@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.diffusion import DiffusionLoss, create_objective
+from pipeline.config_training import parse_diffusion_losses
 
 V = create_objective("v")
 
@@ -39,10 +40,10 @@ def test_padding_mask_leaves_padded_frames_out_as_sats_masked_mean():
 
 def test_l1_and_huber_terms_match_hand_formulas_and_are_weighted():
     out, target, t = _pair()
-    loss = DiffusionLoss.from_config({
+    loss = DiffusionLoss.from_config(parse_diffusion_losses({
         "l1": {"type": "l1", "weights": {"l1": 0.5}},
         "huber": {"type": "huber", "weights": {"huber": 2.0}, "config": {"delta": 0.3}},
-    })
+    }))
     result = loss(out, target, t, objective=V)
     d = (out - target).abs()
     l1 = d.mean()
@@ -53,8 +54,8 @@ def test_l1_and_huber_terms_match_hand_formulas_and_are_weighted():
 
 def test_min_snr_weighting_for_v_is_min_snr_gamma_over_snr_plus_one():
     out, target, t = _pair()
-    loss = DiffusionLoss.from_config({"mse": {"type": "mse", "config": {"timestep_weighting": "min_snr",
-                                                                        "min_snr_gamma": 2.0}}})
+    loss = DiffusionLoss.from_config(parse_diffusion_losses(
+        {"mse": {"type": "mse", "config": {"timestep_weighting": "min_snr", "min_snr_gamma": 2.0}}}))
     snr = [math.cos(x * math.pi / 2) ** 2 / math.sin(x * math.pi / 2) ** 2 for x in t.tolist()]
     weights = torch.tensor([min(s, 2.0) / (s + 1) for s in snr])
     expected = (((out - target) ** 2) * weights[:, None, None]).mean()
@@ -63,7 +64,8 @@ def test_min_snr_weighting_for_v_is_min_snr_gamma_over_snr_plus_one():
 
 def test_min_snr_weighting_for_rectified_flow_scales_by_t_squared():
     out, target, t = _pair()
-    loss = DiffusionLoss.from_config({"mse": {"type": "mse", "config": {"timestep_weighting": "min_snr"}}})
+    loss = DiffusionLoss.from_config(parse_diffusion_losses({"mse": {"type": "mse",
+                                                                     "config": {"timestep_weighting": "min_snr"}}}))
     snr = [((1 - x) / x) ** 2 for x in t.tolist()]
     weights = torch.tensor([min(s, 5.0) * x ** 2 for s, x in zip(snr, t.tolist())])
     expected = (((out - target) ** 2) * weights[:, None, None]).mean()
@@ -95,7 +97,7 @@ def test_padding_mask_for_step_follows_mask_padding_and_its_dropout():
 ])
 def test_invalid_loss_configs_are_errors_naming_the_key(config, message):
     with pytest.raises(ValueError, match=message):
-        DiffusionLoss.from_config(config)
+        parse_diffusion_losses(config)
 
 
 def test_mask_of_the_wrong_shape_is_an_error():

@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules from training.optimizer_configs; InverseLR against SAT's recorded rates."""
+"""Optimizers and LR schedules from training.optimizer_configs (parsed by pipeline.config_training); InverseLR against SAT's recorded rates."""
 import json
 import logging
 import warnings
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_model_config
+from pipeline.config_training import parse_optimizer_configs
 from pipeline.diffusion import InverseLR, create_optimizer_and_scheduler
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -34,7 +35,8 @@ def _lrs_after(scheduler, optimizer, steps):
 def test_inverse_lr_reproduces_sats_recorded_rates_for_sao_settings():
     ref = json.loads((FIXTURES / "sat_ref" / "ref_inverse_lr.json").read_text())
     cfg = load_model_config(str(SAO))
-    assert cfg.training.optimizer_configs["diffusion"]["scheduler"] == ref["scheduler_config"]
+    scheduler = cfg.training.optimizer_configs["diffusion"].scheduler
+    assert {"type": scheduler.type, "config": scheduler.config} == ref["scheduler_config"]
     optimizer, scheduler = create_optimizer_and_scheduler(cfg.training.optimizer_configs, None, _param())
     assert isinstance(optimizer, torch.optim.AdamW) and isinstance(scheduler, InverseLR)
     assert optimizer.defaults["weight_decay"] == 0.001 and optimizer.defaults["betas"] == (0.9, 0.999)
@@ -64,14 +66,14 @@ def test_optimizer_configs_win_over_learning_rate_with_a_warning(caplog):
     configs = {"diffusion": {"optimizer": {"type": "SGD", "config": {"lr": 0.5}},
                              "scheduler": {"type": "StepLR", "config": {"step_size": 2, "gamma": 0.5}}}}
     with caplog.at_level(logging.WARNING):
-        optimizer, scheduler = create_optimizer_and_scheduler(configs, 1e-4, _param())
+        optimizer, scheduler = create_optimizer_and_scheduler(parse_optimizer_configs(configs), 1e-4, _param())
     assert "learning_rate=0.0001 is ignored" in caplog.text
     assert type(optimizer) is torch.optim.SGD and isinstance(scheduler, torch.optim.lr_scheduler.StepLR)
     assert _lrs_after(scheduler, optimizer, [1, 2, 4]) == [0.5, 0.25, 0.125]
 
 
 def test_deepspeed_optimizer_names_need_a_lookup_from_the_caller():
-    configs = {"diffusion": {"optimizer": {"type": "FusedAdam", "config": {"lr": 1e-4}}}}
+    configs = parse_optimizer_configs({"diffusion": {"optimizer": {"type": "FusedAdam", "config": {"lr": 1e-4}}}})
     with pytest.raises(ValueError, match=r"optimizer.type='FusedAdam' is a DeepSpeed optimizer; the caller must supply"):
         create_optimizer_and_scheduler(configs, None, _param())
     optimizer, _ = create_optimizer_and_scheduler(configs, None, _param(), extra_optimizers={"FusedAdam": torch.optim.AdamW})
@@ -82,17 +84,19 @@ def test_deepspeed_optimizer_names_need_a_lookup_from_the_caller():
     ({"diffusion": {"optimizer": {"type": "Adamm", "config": {}}}},
      r"training.optimizer_configs.diffusion.optimizer.type='Adamm' is not a torch.optim optimizer; expected one of .*'AdamW'"),
     ({"diffusion": {"optimizer": {"type": "AdamW", "config": {"lr": 1e-4, "beta": 0.9}}}},
-     r"diffusion.optimizer.config: AdamW has no arguments \['beta'\]"),
+     r"diffusion.optimizer.config: unknown argument\(s\) \['beta'\] for AdamW"),
     ({"diffusion": {"optimizer": {"type": "AdamW", "config": {}},
                     "scheduler": {"type": "InverseLR", "config": {"gamma": 1}}}},
-     r"diffusion.scheduler.config: InverseLR has no arguments \['gamma'\]"),
+     r"diffusion.scheduler.config: unknown argument\(s\) \['gamma'\] for InverseLR"),
     ({"diffusion": {"optimizer": {"type": "AdamW", "config": {}}, "scheduler": {"type": "Cosine", "config": {}}}},
      r"diffusion.scheduler.type='Cosine' is neither 'InverseLR' nor"),
-    ({"autoencoder": {}}, r"training.optimizer_configs.diffusion: expected an object with 'optimizer'.*\['autoencoder'\]"),
+    ({"autoencoder": {}}, r"training.optimizer_configs.autoencoder: expected an object with 'optimizer'"),
+    ({"autoencoder": {"optimizer": {"type": "AdamW"}}},
+     r"training.optimizer_configs.diffusion: expected an object with 'optimizer'.*\['autoencoder'\]"),
 ])
 def test_invalid_optimizer_configs_are_errors_naming_the_key(configs, message):
     with pytest.raises(ValueError, match=message):
-        create_optimizer_and_scheduler(configs, None, _param())
+        create_optimizer_and_scheduler(parse_optimizer_configs(configs), None, _param())
 
 
 def test_inverse_lr_rejects_warmup_of_one():
@@ -108,7 +112,7 @@ def test_fused_asks_torch_for_its_fused_adamw_unless_the_config_chooses():
     for fused in (False, True):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(64))
-        optimizer, _ = create_optimizer_and_scheduler(adamw, None, [p], fused=fused)
+        optimizer, _ = create_optimizer_and_scheduler(parse_optimizer_configs(adamw), None, [p], fused=fused)
         assert optimizer.defaults["fused"] is (True if fused else None)
         for _ in range(3):
             p.grad = torch.sin(torch.arange(64.0) + p.detach())
@@ -117,7 +121,7 @@ def test_fused_asks_torch_for_its_fused_adamw_unless_the_config_chooses():
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=1e-6)
     assert not torch.equal(results[0], torch.randn(64, generator=torch.Generator().manual_seed(0)))
     chosen = {"diffusion": {"optimizer": {"type": "AdamW", "config": {"lr": 1e-2, "foreach": False}}}}
-    assert create_optimizer_and_scheduler(chosen, None, _param(), fused=True)[0].defaults["fused"] is None
+    assert create_optimizer_and_scheduler(parse_optimizer_configs(chosen), None, _param(), fused=True)[0].defaults["fused"] is None
     sgd = {"diffusion": {"optimizer": {"type": "SGD", "config": {"lr": 1e-2}}}}
-    assert not create_optimizer_and_scheduler(sgd, None, _param(), fused=True)[0].defaults.get("fused")
+    assert not create_optimizer_and_scheduler(parse_optimizer_configs(sgd), None, _param(), fused=True)[0].defaults.get("fused")
     assert create_optimizer_and_scheduler(None, 1e-3, _param(), fused=True)[0].defaults["fused"] is True

@@ -10,6 +10,7 @@ import scipy.signal
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.config_training import parse_autoencoder_losses
 from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.autoencoder_losses import (MultiResolutionSTFTLoss, SpectralLoss, a_weighting_fir,
                                                 autoencoder_step_losses, create_autoencoder_losses,
@@ -85,16 +86,18 @@ def test_hinge_and_feature_matching_closed_forms():
 def test_sat_autoencoder_loss_configs_build_and_unsupported_ones_are_named():
     for path in sorted(AUTOENCODERS.glob("*.json")):
         cfg = json.loads(path.read_text())
-        losses = create_autoencoder_losses(cfg["training"]["loss_configs"], cfg["sample_rate"], cfg["audio_channels"])
+        losses = create_autoencoder_losses(parse_autoencoder_losses(cfg["training"]["loss_configs"]), cfg["sample_rate"],
+                                           cfg["audio_channels"])
         assert losses.discriminator is not None and losses.weights.adversarial == 0.1, path.name
     sa2 = json.loads((AUTOENCODERS / "stable_audio_2_0_vae.json").read_text())["training"]["loss_configs"]
-    assert create_autoencoder_losses(sa2, 44100, 2).weights.kl == 1e-4
+    assert create_autoencoder_losses(parse_autoencoder_losses(sa2), 44100, 2).weights.kl == 1e-4
     with pytest.raises(ConfigError, match="mrmel"):
-        create_autoencoder_losses({**sa2, "mrmel": {}}, 44100, 2)
+        create_autoencoder_losses(parse_autoencoder_losses({**sa2, "mrmel": {}}), 44100, 2)
     with pytest.raises(ConfigError, match="discriminator.type='oobleck'"):
-        create_autoencoder_losses({**sa2, "discriminator": {"type": "oobleck"}}, 44100, 2)
+        create_autoencoder_losses(parse_autoencoder_losses({**sa2, "discriminator": {"type": "oobleck"}}), 44100, 2)
     with pytest.raises(ConfigError, match=r"spectral\.config.*fft_size"):
-        create_autoencoder_losses({**sa2, "spectral": {"type": "mrstft", "config": {"fft_size": 3}}}, 44100, 2)
+        spectral = {"type": "mrstft", "config": {"fft_size": 3}}
+        create_autoencoder_losses(parse_autoencoder_losses({**sa2, "spectral": spectral}), 44100, 2)
 
 
 TINY_LOSSES = {
@@ -137,7 +140,7 @@ def synthesized_notes(count: int, samples: int, sample_rate: int = 16000, seed: 
 
 def test_generator_and_discriminator_steps_touch_only_their_own_module():
     torch.manual_seed(0)
-    vae, losses = tiny_vae(), create_autoencoder_losses(TINY_LOSSES, 16000, 1)
+    vae, losses = tiny_vae(), create_autoencoder_losses(parse_autoencoder_losses(TINY_LOSSES), 16000, 1)
     out = autoencoder_step_losses(vae, losses, synthesized_notes(2, 1024), warmed_up=True)
     out.generator.backward()
     assert all(p.grad is not None for p in vae.parameters())
@@ -151,7 +154,7 @@ def test_generator_and_discriminator_steps_touch_only_their_own_module():
 
 def test_before_warmup_the_generator_has_no_adversarial_terms():
     torch.manual_seed(0)
-    vae, losses = tiny_vae(), create_autoencoder_losses(TINY_LOSSES, 16000, 1)
+    vae, losses = tiny_vae(), create_autoencoder_losses(parse_autoencoder_losses(TINY_LOSSES), 16000, 1)
     out = autoencoder_step_losses(vae, losses, synthesized_notes(2, 1024), warmed_up=False)
     assert "adversarial" not in out.terms and out.discriminator is not None  # warmup_mode "adv": D still trains
     w = losses.weights
@@ -161,7 +164,7 @@ def test_before_warmup_the_generator_has_no_adversarial_terms():
 
 def test_losses_fall_when_a_tiny_vae_trains_a_few_dozen_steps():
     torch.manual_seed(0)
-    vae, losses = tiny_vae(), create_autoencoder_losses(TINY_LOSSES, 16000, 1)
+    vae, losses = tiny_vae(), create_autoencoder_losses(parse_autoencoder_losses(TINY_LOSSES), 16000, 1)
     clips = synthesized_notes(8, 2048)
     opt_g = torch.optim.AdamW(vae.parameters(), lr=3e-3, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(losses.discriminator.parameters(), lr=3e-3, betas=(0.8, 0.99))

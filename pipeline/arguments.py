@@ -1,5 +1,6 @@
 """The one check of a JSON config block against the constructor it is passed to (SAT forwards unknown keys
-silently through **kwargs; here a typo or a missing key is an error naming it)."""
+silently through **kwargs; here a typo or a missing key is an error naming it): backbone, conditioner and
+encoder blocks (`pipeline/models/`), optimizer and scheduler blocks (`pipeline/config_training.py`)."""
 from __future__ import annotations
 
 import inspect
