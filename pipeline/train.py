@@ -44,6 +44,7 @@ from pipeline.distributed.ema import ShardedEMA
 from pipeline.distributed.stop import catch_early
 from pipeline.models.conditioning import Conditioning
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
+from pipeline.train_args import TrainArgs
 from pipeline.train_run import MetricsWindow, TrainRun, run_leased, scratch_dir
 from pipeline.train_setup import (check_pretransform, export_tensors_fn, load_pretrained, local_copy, log_plan,
                                   validation_losses)
@@ -119,7 +120,7 @@ def read_data(url: str) -> tuple[manifest.Manifest, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = TrainArgs.from_namespace(build_parser().parse_args(argv))
     catch_early()  # a stop signal before the loop starts is kept for it, not fatal
     denv = env.detect(local_rank_arg=args.local_rank)
     env.init_logging(denv.rank)
@@ -148,7 +149,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
+def train_diffusion(args: TrainArgs, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
     if args.compile:  # the config's hash (checked on resume) stays that of the file
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, cantus=dataclasses.replace(cfg.model.cantus, compile=True)))
@@ -287,7 +288,7 @@ def train_diffusion(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.Ba
     return run.exit_code(step)
 
 
-def validation_dataset(args, data: manifest.Manifest, spec: CropSpec, layout: ds_setup.BatchLayout,
+def validation_dataset(args: TrainArgs, data: manifest.Manifest, spec: CropSpec, layout: ds_setup.BatchLayout,
                        denv: env.DistEnv, scratch: str, data_seed: int) -> ShardDataset | None:
     """`--val-data`'s latents (whole clips from the start, held in memory), checked against `--data`."""
     if args.val_data is None:

@@ -23,6 +23,7 @@ from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
 from pipeline.models.autoencoder_losses import autoencoder_step_losses, create_autoencoder_losses
 from pipeline.models.factory import create_model_from_config
+from pipeline.train_args import TrainArgs
 from pipeline.train_run import MetricsWindow, TrainRun, scratch_dir
 
 logger = logging.getLogger("pipeline.train")
@@ -49,7 +50,7 @@ def _load_optimizer_tensors(prefix: str, tensors: dict[str, torch.Tensor], modul
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def train_autoencoder(args, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
+def train_autoencoder(args: TrainArgs, cfg: ModelConfig, ds_config: dict, layout: ds_setup.BatchLayout, denv: env.DistEnv) -> int:
     data = manifest.read_manifest(args.data, stage="shard")
     channels = data.properties.get("channels")
     if channels != cfg.audio_channels or data.properties.get("sample_rate") != cfg.sample_rate:

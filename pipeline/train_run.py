@@ -27,11 +27,12 @@ from pipeline.distributed import checkpoint, collectives, env
 from pipeline.distributed.engine import BatchLayout
 from pipeline.distributed.ledger import RunOutputs, save_and_publish
 from pipeline.distributed.stop import EXIT_STOPPED, StopFlag, request_stop
+from pipeline.train_args import TrainArgs
 
 logger = logging.getLogger("pipeline.train")
 
 
-def scratch_dir(args) -> str:
+def scratch_dir(args: TrainArgs) -> str:
     """`--scratch-dir`, or a folder named after the output under $TMPDIR (local disk: staged checkpoints, shards)."""
     name = "cantus-" + os.path.basename(args.output.rstrip("/"))
     return args.scratch_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), name)
@@ -69,7 +70,7 @@ def drop_staged(outputs: RunOutputs) -> None:
 
 
 @contextlib.contextmanager
-def output_lease(args, denv: env.DistEnv) -> Iterator[lease.Lease | None]:
+def output_lease(args: TrainArgs, denv: env.DistEnv) -> Iterator[lease.Lease | None]:
     """Collective: rank 0 holds `<out>/_lease.json` (pipeline/lease.py) for the run; when it cannot, every rank
     raises the same error. The heartbeat's failure asks the loop to stop (with a checkpoint, or without one when
     another trainer took the output over). Released at the end, unless the store is unavailable (releasing would
@@ -120,7 +121,7 @@ def exit_code_for(error: BaseException) -> int:
     return EXIT_STOPPED if temporary else EXIT_USER_ERROR
 
 
-def run_leased(train: Callable[[], int], args, denv: env.DistEnv) -> int:
+def run_leased(train: Callable[[], int], args: TrainArgs, denv: env.DistEnv) -> int:
     """Run `train()` holding the output's lease; its exit code, or 75/2 for a storage or lease error. A finished
     run (code 0) deletes its scratch folder unless `--keep-scratch`."""
     try:
@@ -173,7 +174,7 @@ class MetricsWindow:
                 "data_wait": self.data_wait / elapsed, "epoch": epoch}
 
 
-def start_wandb(args, cfg: ModelConfig, denv: env.DistEnv, scratch: str):
+def start_wandb(args: TrainArgs, cfg: ModelConfig, denv: env.DistEnv, scratch: str):
     """A W&B run on rank 0 (offline by default: no network needed; `wandb sync` later), or None."""
     if args.wandb == "off" or denv.rank != 0:
         return None
@@ -182,18 +183,18 @@ def start_wandb(args, cfg: ModelConfig, denv: env.DistEnv, scratch: str):
     os.makedirs(scratch, exist_ok=True)
     return wandb.init(mode=args.wandb, dir=scratch, project="cantus", name=os.path.basename(args.output.rstrip("/")),
                       config={"model_config": cfg.raw, "model_config_sha256": cfg.sha256,
-                              "args": {k: v for k, v in vars(args).items() if k != "local_rank"}})
+                              "args": args.record()})
 
 
 class TrainRun:
     """One training run's output folder and control: create it, then `resume`, `start`, and in the loop
     `should_stop`, `log`, `should_save`/`save`; `close` in a `finally`, and return `exit_code()`."""
 
-    def __init__(self, args, cfg: ModelConfig, ds_config: dict, denv: env.DistEnv, scratch: str):
+    def __init__(self, args: TrainArgs, cfg: ModelConfig, ds_config: dict, denv: env.DistEnv, scratch: str):
         self.args, self.cfg, self.ds_config, self.denv, self.scratch = args, cfg, ds_config, denv, scratch
         self.outputs = RunOutputs(out=args.output, scratch=scratch, rank=denv.rank, world_size=denv.world_size)
         drop_staged(self.outputs)  # what a save that failed half-way left
-        self.header = {"args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+        self.header = {"args": args.record(),
                        "input": manifest.input_ref(args.data), "properties": {"model_config_sha256": cfg.sha256}}
         self.step = 0
         """The step the run resumed at (0 for a new run)."""

@@ -20,6 +20,7 @@ from pipeline.models.factory import create_model_from_config
 from pipeline.models.weights import (PRETRANSFORM_PREFIX, autoencoder_state_dict, load_state_dict, load_strict,
                                      safetensors_header, weights_sha256)
 from pipeline.pretransform_identity import identity_differences, pretransform_identity
+from pipeline.train_args import TrainArgs
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def local_copy(url: str, scratch: str) -> str:
     return storage.local_path(url, os.path.join(scratch, "weights"))
 
 
-def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args, scratch: str, verify: bool = True
+def check_pretransform(cfg: ModelConfig, data: manifest.Manifest, args: TrainArgs, scratch: str, verify: bool = True
                        ) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """Build the model and load its VAE from `--pretransform-ckpt` or the manifest's `weights_url`; refuse
     latents whose pretransform identity (architecture_sha256, weights_sha256, scale) differs. Returns the
