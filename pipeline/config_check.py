@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import (ROUTES, ConfigError, MissingPackageError, ModelConfig, load_dataset_config,
+from pipeline.backbones import ROUTES
+from pipeline.config import (ConfigError, MissingPackageError, ModelConfig, load_dataset_config,
                              load_model_config, read_json)
 
 MAX_PARAMETERS = 10**12

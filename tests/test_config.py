@@ -108,7 +108,7 @@ def _mutated(edit):
     (lambda c: c["model"].update(io_channels=32), r"model\.io_channels=32 must equal the pretransform's latent"),
     (lambda c: c["training"]["demo"].update(num_demos=3), r"training\.demo\.demo_cond: expected num_demos=3 entries"),
     (lambda c: c["model"]["diffusion"].update(type="adp_cfg_1d", prepend_cond_ids=["seconds_start"]),
-     r"prepend_cond_ids: only the dit backbone"),
+     r"prepend_cond_ids=\['seconds_start'\]: the 'adp_cfg_1d' backbone has no such input"),
     (lambda c: c["model"].update(cantus={"attention_mask": True}), r"model\.cantus\.attention_mask: unknown key"),
     (lambda c: c["training"].update(cantus={"ema_beta": 1.5}), r"training\.cantus\.ema_beta: expected a number in"),
     (lambda c: c["training"].update(use_ema="yes"), r'training\.use_ema: expected true or false, got "yes"'),

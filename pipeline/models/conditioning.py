@@ -2,9 +2,9 @@
 
 `ConditionedDiffusionModelWrapper.route` builds it from the conditioners' {id: [tensor, mask]}; every
 conditioned backbone wrapper takes `predict(x, t, cond, guidance)` (`guidance` a
-`pipeline.diffusion.cfg.Guidance`). Each wrapper states the routes it accepts (`accepts`, config key names);
-the factory checks the config's routes against it when it builds the model, so a wrong route is a config
-error at load. The wrappers' SAT keyword `forward` builds the same two values from SAT's arguments.
+`pipeline.diffusion.cfg.Guidance`). Each wrapper's `accepts` (config key names) comes from the backbone
+registry (`pipeline.backbones`), which config validation asks, so a wrong route is a config error at load.
+The wrappers' SAT keyword `forward` builds the same two values from SAT's arguments.
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-# The config keys (model.diffusion.*) that route conditioner ids, and the Conditioning field each fills.
-ROUTES = {"cross_attention_cond_ids": "cross_attn", "global_cond_ids": "global_cond",
-          "input_concat_ids": "input_concat", "prepend_cond_ids": "prepend"}
+from pipeline.backbones import ROUTES
 
 
 @dataclass(frozen=True)
@@ -65,23 +63,9 @@ class Conditioning:
             "negative_global_cond": negative.global_cond, "negative_input_concat": negative.input_concat})
 
     def check_routes(self, accepts: frozenset[str], backbone: str) -> None:
-        """For a direct keyword call (the router's routes are checked at build): fail on a route the backbone
+        """For a direct keyword call (the router's routes are checked when the config loads): fail on a route the backbone
         has no input for, naming the config key that would route it."""
         given = [key for key, name in ROUTES.items() if getattr(self, name) is not None and key not in accepts]
         if given:
             raise ValueError(f"{backbone} takes no {', '.join(given)} conditioning; it accepts "
                              f"{sorted(accepts)}")
-
-
-def check_config_routes(backbone: str, accepts: frozenset[str], routed: dict[str, tuple], required=frozenset(),
-                        key: str = "model.diffusion") -> str | None:
-    """The error line for the first config route the backbone does not accept (or a required one left
-    empty), else None. ``routed``: {config key: ids}."""
-    for name, ids in routed.items():
-        if ids and name not in accepts:
-            return (f"{key}.{name}={list(ids)}: the {backbone!r} backbone has no such input; route these ids "
-                    f"through {' or '.join(k for k in ROUTES if k in accepts)}")
-    for name in sorted(required):
-        if not routed.get(name):
-            return f"{key}.{name} is empty: the {backbone!r} backbone needs at least one id routed there"
-    return None

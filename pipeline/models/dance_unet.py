@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from pipeline.diffusion.cfg import Guidance
 from pipeline.models.blocks import Snake1d
+from pipeline.backbones import CONDITIONED
 from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d import construct_checked
@@ -347,7 +348,7 @@ class DAU1DCondWrapper(nn.Module):
     channels + global features, so the parameter layout is SAT's. Like SAT, no guidance (no null condition).
     """
 
-    accepts = frozenset({"global_cond_ids", "input_concat_ids"})
+    accepts = CONDITIONED["DAU1d"].accepts
 
     def __init__(self, **config) -> None:
         super().__init__()

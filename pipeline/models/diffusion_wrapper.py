@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.diffusion.cfg import Guidance
-from pipeline.models.conditioning import ROUTES, Conditioning
+from pipeline.backbones import CONDITIONED
+from pipeline.models.conditioning import Conditioning
 from pipeline.models.dit import DiffusionTransformer
 
 
@@ -42,7 +43,7 @@ def halve_parameters(module: nn.Module) -> None:
 class DiTWrapper(nn.Module):
     """Adapter from the router's conditioning to the DiT's (SAT's `DiTWrapper`): every route."""
 
-    accepts = frozenset(ROUTES)
+    accepts = CONDITIONED["dit"].accepts
 
     def __init__(self, model: DiffusionTransformer):
         super().__init__()

@@ -1,10 +1,10 @@
 """`create_model_from_config`: a parsed SAT config (or its dict or path) -> the model, SAT's layout.
 
 Backbones are looked up in two registries (conditioned and unconditional): SAT `type` string ->
-builder(diffusion_config, model_config) -> backbone module exposing `min_input_length`. Adding a
-backbone is one line. These registries are the one list of backbones (the config parser does not repeat
-it), and `sample_size` is checked against the built model's `min_input_length` (so on the meta device
-too), the one rule for it. Builders check the JSON `config` block against the constructor's signature,
+builder(diffusion_config, model_config) -> backbone module exposing `min_input_length`. What config
+validation needs to know of a backbone (its routes, its global width key, its own checks) is stated once in
+`pipeline.backbones`, whose keys these registries match (tests/models/test_factory.py). `sample_size` is
+checked against the built model's `min_input_length` (so on the meta device too), the one rule for it. Builders check the JSON `config` block against the constructor's signature,
 so an unknown argument is an error naming it (SAT forwards it silently through **kwargs).
 `model.cantus` options are passed as explicit arguments; they never live in the backbone block.
 """
@@ -17,7 +17,6 @@ from typing import Callable
 from torch import nn
 
 from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
-from pipeline.models.conditioning import check_config_routes
 from pipeline.arguments import check_arguments
 from pipeline.models.conditioners import create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,
@@ -89,20 +88,9 @@ def _pretransform(cfg: ModelConfig) -> nn.Module | None:
     return create_pretransform_from_config(cfg.model.pretransform, cfg.sample_rate, cfg.audio_channels)
 
 
-def _check_routes(d: DiffusionConfig, backbone: nn.Module) -> None:
-    """Each conditioning route in the config must be an input of the backbone (its `accepts`), and a route it
-    needs must not be empty: a config error at load, not at the first forward."""
-    routed = {"cross_attention_cond_ids": d.cross_attention_cond_ids, "global_cond_ids": d.global_cond_ids,
-              "input_concat_ids": d.input_concat_ids, "prepend_cond_ids": d.prepend_cond_ids}
-    error = check_config_routes(d.type, backbone.accepts, routed, getattr(backbone, "requires", frozenset()))
-    if error:
-        raise ConfigError(error)
-
-
 def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
     d = cfg.model.diffusion
     backbone = _backbone(COND_BACKBONES, d, cfg, "model.diffusion.type")
-    _check_routes(d, backbone)
     pretransform = _pretransform(cfg)
     ratio = 1 if pretransform is None else pretransform.downsampling_ratio
     _check_sample_size(cfg, ratio, backbone.min_input_length)

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from pipeline.diffusion.cfg import Guidance, apply_cfg
 from pipeline.arguments import check_arguments
+from pipeline.backbones import CONDITIONED
 from pipeline.models.conditioning import Conditioning
 from pipeline.models.diffusion_wrapper import halve_parameters
 from pipeline.models.unet1d_blocks import (
@@ -401,8 +402,7 @@ class UNetCFG1DWrapper(nn.Module):
     Guidance runs over the cross-attention tokens only: as in SAT, the unconditional half sees the same
     global and input-concat conditioning, so negative global and input-concat conditioning are not used."""
 
-    accepts = frozenset({"cross_attention_cond_ids", "global_cond_ids", "input_concat_ids"})
-    requires = frozenset({"cross_attention_cond_ids"})
+    accepts, requires = CONDITIONED["adp_cfg_1d"].accepts, CONDITIONED["adp_cfg_1d"].requires
 
     def __init__(self, **config) -> None:
         super().__init__()
@@ -468,7 +468,7 @@ class UNet1DCondWrapper(nn.Module):
     Like SAT, it has no guidance: the guidance settings have nothing to act on (there is no null condition)
     and are ignored."""
 
-    accepts = frozenset({"global_cond_ids", "input_concat_ids"})
+    accepts = CONDITIONED["adp_1d"].accepts
 
     def __init__(self, **config) -> None:
         super().__init__()

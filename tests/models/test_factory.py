@@ -84,3 +84,11 @@ def test_meta_build_allocates_nothing():
     with torch.device("meta"):
         model = create_model_from_config(tiny_config())
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_the_factory_builds_exactly_the_backbones_the_config_registry_describes():
+    from pipeline import backbones
+    from pipeline.models.factory import UNCOND_BACKBONES
+
+    assert set(COND_BACKBONES) == set(backbones.CONDITIONED)
+    assert set(UNCOND_BACKBONES) == set(backbones.UNCONDITIONAL)
