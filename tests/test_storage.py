@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,8 +85,7 @@ def test_put_if_absent_probe_refuses_a_store_that_ignores_the_condition(store_ur
         real_put = client.put_object
         monkeypatch.setattr(client, "put_object", lambda IfNoneMatch=None, **kw: real_put(**kw))
     else:
-        monkeypatch.setattr(storage.os, "link", lambda src, dst: storage.os.replace(
-            storage.shutil.copy(src, src + ".copy"), dst))
+        monkeypatch.setattr(os, "link", lambda src, dst: os.replace(shutil.copy(src, src + ".copy"), dst))
     with pytest.raises(storage.StorageError, match="does not honour 'If-None-Match: \\*'"):
         storage.check_put_if_absent(store_url)
 
@@ -201,12 +201,12 @@ storage.write({url!r}, chunks())
 
 def test_s3_objects_carry_their_content_type(s3_bucket):
     """A page served from a bucket opens in a browser only with the right types."""
-    from pipeline.storage import _client, _split
+    from pipeline.storage_s3 import _split, client
     for name, kind in (("index.html", "text/html"), ("a.flac", "audio/flac"), ("b.png", "image/png")):
         url = f"s3://{s3_bucket}/types/{name}"
         storage.write(url, b"x")
         bucket, key = _split(url)
-        assert _client().head_object(Bucket=bucket, Key=key)["ContentType"] == kind
+        assert client().head_object(Bucket=bucket, Key=key)["ContentType"] == kind
 
 
 def test_local_path_is_the_path_itself_or_one_download(store_url, tmp_path):
