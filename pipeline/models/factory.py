@@ -88,40 +88,37 @@ def _pretransform(cfg: ModelConfig) -> nn.Module | None:
     return create_pretransform_from_config(cfg.model.pretransform, cfg.sample_rate, cfg.audio_channels)
 
 
-def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
-    d = cfg.model.diffusion
-    backbone = _backbone(COND_BACKBONES, d, cfg, "model.diffusion.type")
+def _parts(cfg: ModelConfig, registry: dict, key: str) -> tuple[nn.Module, nn.Module | None, int]:
+    """The backbone, the pretransform and the model's minimum input length (pretransform ratio x backbone's),
+    with `sample_size` checked against it before the conditioners are built."""
+    backbone = _backbone(registry, cfg.model.diffusion, cfg, key)
     pretransform = _pretransform(cfg)
     ratio = 1 if pretransform is None else pretransform.downsampling_ratio
-    _check_sample_size(cfg, ratio, backbone.min_input_length)
+    unit = ratio * backbone.min_input_length
+    if cfg.sample_size % unit:
+        raise ConfigError(f"sample_size={cfg.sample_size} must be a multiple of the model's minimum input length "
+                          f"{unit} (pretransform ratio {ratio} x backbone {backbone.min_input_length})")
+    return backbone, pretransform, unit
+
+
+def _diffusion_cond(cfg: ModelConfig) -> nn.Module:
+    d = cfg.model.diffusion
+    backbone, pretransform, min_length = _parts(cfg, COND_BACKBONES, "model.diffusion.type")
     conditioner = None
     if cfg.model.conditioning is not None:
         conditioner = create_multi_conditioner_from_conditioning_config(cfg.model.conditioning)
     return ConditionedDiffusionModelWrapper(
         backbone, conditioner, io_channels=cfg.model.io_channels, sample_rate=cfg.sample_rate,
-        min_input_length=ratio * backbone.min_input_length, diffusion_objective=d.diffusion_objective,
+        min_input_length=min_length, diffusion_objective=d.diffusion_objective,
         distribution_shift_options=d.distribution_shift_options, pretransform=pretransform,
         cross_attn_cond_ids=d.cross_attention_cond_ids, global_cond_ids=d.global_cond_ids,
         input_concat_ids=d.input_concat_ids, prepend_cond_ids=d.prepend_cond_ids)
 
 
-def _check_sample_size(cfg: ModelConfig, ratio: int, backbone_length: int) -> None:
-    """A training example must be a whole number of the model's minimum input length: the built pretransform's
-    ratio times the built backbone's (checked before the conditioners are built)."""
-    unit = ratio * backbone_length
-    if cfg.sample_size % unit:
-        raise ConfigError(f"sample_size={cfg.sample_size} must be a multiple of the model's minimum input length "
-                          f"{unit} (pretransform ratio {ratio} x backbone {backbone_length})")
-
-
 def _diffusion_uncond(cfg: ModelConfig) -> nn.Module:
-    d = cfg.model.diffusion
-    backbone = _backbone(UNCOND_BACKBONES, d, cfg, "model.type")
-    pretransform = _pretransform(cfg)
-    ratio = 1 if pretransform is None else pretransform.downsampling_ratio
-    _check_sample_size(cfg, ratio, backbone.min_input_length)
+    backbone, pretransform, min_length = _parts(cfg, UNCOND_BACKBONES, "model.type")
     return DiffusionModelWrapper(backbone, io_channels=backbone.io_channels, sample_size=cfg.sample_size,
-                                 sample_rate=cfg.sample_rate, min_input_length=ratio * backbone.min_input_length,
+                                 sample_rate=cfg.sample_rate, min_input_length=min_length,
                                  pretransform=pretransform, diffusion_objective="v")
 
 
