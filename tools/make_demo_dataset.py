@@ -61,6 +61,9 @@ ENSEMBLES = {
     "piano": ("piano",),
     "harpsichord": ("harpsichord",),
 }
+# --palette families: six timbres far apart, drawn uniformly for every clip whatever its score, so the
+# instrument is a clean label a small model can learn (the score palette has 17, most with < 20 clips)
+FAMILIES = ("piano", "church organ", "choir", "string orchestra", "flute", "brass quartet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +339,7 @@ class Job:
     channels: int
     seed: int
     soundfont: str
+    palette: str = "score"
 
 
 def make_clip(job: Job) -> tuple[int, dict | None, str]:
@@ -358,7 +362,7 @@ def make_clip(job: Job) -> tuple[int, dict | None, str]:
         clip_notes += [(max(0.0, on - PREROLL_SECONDS), min(job.seconds, off - PREROLL_SECONDS), p)
                        for on, off, p in kept if off > PREROLL_SECONDS]
     polyphonic = len(piece.voices) > 1
-    ensemble = rng.choice(coll.ensembles if polyphonic else coll.solo)
+    ensemble = rng.choice(FAMILIES if job.palette == "families" else coll.ensembles if polyphonic else coll.solo)
     names = ENSEMBLES.get(ensemble, (ensemble,))
     programs = [GM[names[min(v, len(names) - 1)]] for v in range(len(voices))]
     pans = list(np.linspace(-0.6, 0.6, len(voices))) if polyphonic else [0.0]
@@ -441,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, choices=(1, 2), default=2, help="1 = mono mix of the stereo render")
     p.add_argument("--seed", type=int, default=0, help="seed for score choice, windows, instruments, captions")
     p.add_argument("--soundfont", default=None, help=f"General MIDI .sf2 (default: first of {SOUNDFONTS})")
+    p.add_argument("--palette", choices=("score", "families"), default="score",
+                   help="instruments: each collection's own (17 classes) or six distinct families for every clip")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel render processes")
     args = p.parse_args(argv)
     if args.num_clips < 1 or args.seconds <= 0 or args.sample_rate < 8000 or args.workers < 1:
@@ -469,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         # draws its next score, in slot order, before the next round starts.
         while pending:
             jobs = [Job(slot, attempt, picker.next(), args.out, args.seconds, args.sample_rate, args.channels,
-                        args.seed, soundfont) for slot, attempt in sorted(pending.items())]
+                        args.seed, soundfont, args.palette) for slot, attempt in sorted(pending.items())]
             for slot, meta, reason in pool.imap_unordered(make_clip, jobs, chunksize=1):
                 if meta is None:
                     failures += 1

@@ -89,6 +89,14 @@ def test_a_tiny_build_is_real_music_and_deterministic(tmp_path):
         assert meta["key"].split()[1] in ("major", "minor") and meta["key"] in meta["prompt"]
 
 
+def test_the_families_palette_gives_every_clip_one_of_the_six_families(tmp_path):
+    common = ["--num-clips", "6", "--seconds", "2", "--sample-rate", "8000", "--seed", "3", "--workers", "2"]
+    assert demo.main(["--out", str(tmp_path / "f"), "--palette", "families", *common]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "f" / "metadata.jsonl").read_text().splitlines()]
+    assert {m["instrument"] for m in lines} <= set(demo.FAMILIES)
+    assert all(m["instrument"] in m["prompt"] for m in lines)
+
+
 def test_tied_notes_merge_like_music21s_strip_ties():
     from music21 import corpus
     score = corpus.parse("bach/bwv66.6.mxl")
