@@ -394,19 +394,20 @@ class _RankBatches(torch.utils.data.Sampler):
 class LatentLoader:
     """Iterate for batches (endlessly, epoch after epoch); `state_dict()` after a step is the position of the
     next batch. `num_nodes`/`node_rank`/`local_rank` place the rank (default: one node); the ranks of a node
-    share its cache. `prefetch_shards` shards beyond the current step are fetched by `prefetch_threads`
-    threads of the rank's fetcher process (`fetcher.py`), into the node cache or, with `cache_bytes=0`, into the
-    rank's memory pool (0 threads in memory mode: each process streams the shards it reads, on demand)."""
+    share its cache. `prefetch_shards` shards beyond the current step are fetched by `fetchers` processes
+    of the rank (`fetcher.py`), into the node cache or, with `cache_bytes=0`, into the
+    rank's memory pool (0 fetchers: each reader fetches what it needs itself, on demand; in memory mode each process streams
+    the shards it reads)."""
 
     def __init__(self, dataset: ShardDataset, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 0, num_nodes: int = 1, node_rank: int | None = None, local_rank: int | None = None,
-                 knobs: ShuffleKnobs = ShuffleKnobs(), prefetch_shards: int = 4, prefetch_threads: int = 2):
+                 knobs: ShuffleKnobs = ShuffleKnobs(), prefetch_shards: int = 4, fetchers: int = 2):
         if num_nodes < 1 or world_size % num_nodes:
             raise ValueError(f"world size {world_size} is not a whole number of ranks on each of {num_nodes} nodes")
         self.dataset = dataset
         self.rank, self.world_size, self.batch_size, self.num_nodes = rank, world_size, batch_size, num_nodes
         self.seed, self.num_workers, self.knobs = seed, num_workers, knobs
-        self.prefetch_shards, self.prefetch_threads = prefetch_shards, prefetch_threads
+        self.prefetch_shards, self.fetchers = prefetch_shards, fetchers
         per_node = world_size // num_nodes
         if dataset.in_memory:  # nothing is shared between the ranks of a node: each rank is its own group
             group, groups, self.local, ranks = rank, world_size, 0, 1
@@ -447,7 +448,7 @@ class LatentLoader:
         running ahead, plus the prefetch depth. A pool needs every shard's size, and workers forked (not
         spawned) after it is mapped."""
         ds = self.dataset
-        if not (ds.in_memory and self.prefetch_threads > 0 and all(s.bytes > 0 for s in ds.shards)):
+        if not (ds.in_memory and self.fetchers > 0 and all(s.bytes > 0 for s in ds.shards)):
             return 0
         if self.num_workers and multiprocessing.get_start_method() != "fork":
             return 0
@@ -463,7 +464,7 @@ class LatentLoader:
             source.write_progress(self.local, self.epoch, self.batch)
         checked = [-1]
 
-        def step(position: tuple[int, int]) -> bool:  # runs in the fetcher process
+        def step(position: tuple[int, int]) -> bool:  # runs in the fetcher processes
             if isinstance(source, MemoryPool) and position[0] != checked[0]:
                 need = needed_slots(source.schedule, position[0], slack_steps(self.num_workers))
                 if need > slots:
@@ -473,9 +474,11 @@ class LatentLoader:
             return source.prefetch_once(position, self.prefetch_shards)
 
         fetcher = None
-        if source is not None and self.prefetch_threads > 0:
-            fetcher = Fetcher(step, threads=self.prefetch_threads, position=(self.epoch, self.batch),
+        if source is not None and self.fetchers > 0:
+            fetcher = Fetcher(step, processes=self.fetchers, position=(self.epoch, self.batch),
                               on_error=source.fail if isinstance(source, MemoryPool) else lambda message: None)
+        if isinstance(source, NodeCache):
+            source.fetcher = fetcher  # before the workers fork: they copy it
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_RankBatches(self, self.epoch, self.batch), collate_fn=collate,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
@@ -501,8 +504,10 @@ class LatentLoader:
             if isinstance(source, MemoryPool):  # workers waiting for a shard nobody will fetch now: let them go
                 source.fail("the loader was stopped")
             if fetcher is not None:
-                fetcher.stop()
+                fetcher.stop()  # readers waiting for it raise "stopped" and let the workers go
             del batches
+            if isinstance(source, NodeCache):
+                source.fetcher = None
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,

@@ -2,7 +2,7 @@
 
 The rank's main process maps a pool of `slots` shared anonymous pages before its fetcher process and loader
 workers fork (so all see the same pages; nothing is written to disk and nothing outlives the processes), and
-the fetcher's threads (`fetcher.py`) fill it: shards in the rank's first-use order (`Schedule`), each verified against its manifest
+the fetcher processes (`fetcher.py`) fill it: shards in the rank's first-use order (`Schedule`), each verified against its manifest
 entry as it arrives and indexed once (`tar_index.py`). A worker that needs a shard waits for its slot, reads
 the index from it and copies out the members of its samples. A slot is freed once the main process has
 received the batch of the shard's last step: every worker has built its batches up to there, and no batch a
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import mmap
+import multiprocessing
 import struct
-import threading
 import time
 from typing import Sequence
 
@@ -72,7 +72,7 @@ class MemoryPool:
         self.base = _POOL.size + _POOL_MESSAGE
         self.mem = mmap.mmap(-1, self.base + slots * self.stride)  # MAP_SHARED | MAP_ANONYMOUS
         self.schedule: Schedule | None = None
-        self._lock = threading.Lock()  # the fetcher's threads only (`fetcher.py`); readers take none
+        self._lock = multiprocessing.get_context("fork").Lock()  # the fetchers' only; readers take none
 
     # headers
     def _slot(self, i: int) -> tuple[int, int, int, int, int, int]:
@@ -97,7 +97,7 @@ class MemoryPool:
     def prefetch_once(self, position: tuple[int, int], extra: int) -> bool:
         """Free the slots of shards the rank is past, then fetch the next shard in first-use order (this epoch
         and the next) into a free slot, at most `extra` shards beyond those live at `position`; True if one
-        was fetched. Called by the fetcher's threads."""
+        was fetched. Called by the fetcher processes."""
         with self._lock:
             held: dict[tuple[int, int], int] = {}
             free = []
@@ -147,7 +147,7 @@ class MemoryPool:
                     self.mem[at + size: at + size + len(chunk)] = chunk
                     size += len(chunk)
             verifier.check()
-            members = index_of(ref, self.mem[at: at + size])
+            members = index_of(ref, memoryview(self.mem)[at: at + size])
         except ShardRejected as e:
             record = json.dumps(e.record).encode()[: self.slot_bytes]
             self.mem[at: at + len(record)] = record

@@ -110,6 +110,9 @@ class NodeCache:
         self.folder, self.shards, self.budget, self.ranks = folder, shards, budget_bytes, ranks_per_node
         os.makedirs(folder, exist_ok=True)
         self.schedule: Schedule | None = None
+        self.fetcher = None
+        """The rank's fetcher process (`fetcher.py`) while it runs: readers then wait for it instead of fetching,
+        so loader workers never open S3 connections of their own, and raise its error."""
 
     # names
     def name(self, epoch: int, s: int) -> str:
@@ -278,7 +281,7 @@ class NodeCache:
 
     def path(self, epoch: int, s: int, step: int) -> str:
         """The local copy of shard `s` for `epoch`, read at node step `step`: fetched (in first-use order, so
-        maybe an earlier shard first) or awaited."""
+        maybe an earlier shard first) or awaited (always awaited while a fetcher runs)."""
         final, deadline = self.name(epoch, s), time.monotonic() + WAIT_SECONDS
         first = self.schedule.plan_for(epoch).first_step[s]
         while True:
@@ -287,7 +290,9 @@ class NodeCache:
             if os.path.exists(self.rejected_marker(epoch, s)):
                 with open(self.rejected_marker(epoch, s)) as f:
                     raise ShardRejected(json.load(f))
-            claimed = self._claim((epoch, step), (epoch, first), None)
+            if self.fetcher is not None:
+                self.fetcher.raise_error()
+            claimed = None if self.fetcher is not None else self._claim((epoch, step), (epoch, first), None)
             if claimed is not None:
                 self._download(*claimed)
                 continue
@@ -331,7 +336,7 @@ class MemoryShards:
         return self.held[(epoch, s)]
 
 
-def index_of(ref: ShardRef, source: str | bytes) -> list[tar_index.Member]:
+def index_of(ref: ShardRef, source: "str | bytes | memoryview") -> list[tar_index.Member]:
     """Walk a verified shard's tar once (`tarfile`); a shard that is no tar is a reject."""
     try:
         return tar_index.build(source)

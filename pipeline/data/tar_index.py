@@ -25,11 +25,37 @@ class IndexRefused(ValueError):
     """A tar index that does not describe its shard: one line naming the shard, the index and the fault."""
 
 
-def build(source: str | bytes) -> list[Member]:
+def build(source: str | bytes | memoryview) -> list[Member]:
     """The regular-file members of a tar (a path, or its bytes), in tar order."""
-    with (tarfile.open(source, "r:") if isinstance(source, str)
-          else tarfile.open(fileobj=io.BytesIO(source), mode="r:")) as tar:
+    fileobj = None if isinstance(source, str) else io.BufferedReader(_View(memoryview(source)))
+    with tarfile.open(source if fileobj is None else None, "r:", fileobj=fileobj) as tar:
         return [(info.name, info.offset_data, info.size) for info in tar if info.isfile()]
+
+
+class _View(io.RawIOBase):
+    """Bytes in memory as a seekable file, without copying them (`tarfile` reads only the headers)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.pos = view.cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self.view) - self.pos))
+        buffer[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
 
 def encode(members: list[Member], *, size: int, sha256: str) -> bytes:
