@@ -160,20 +160,47 @@ def _ours(url: str, *, workers: int, batch: int, frames: int, cache: str, cache_
     return n / (time.perf_counter() - t0), n
 
 
-def _plain_webdataset(url: str, *, workers: int, batch: int, frames: int) -> tuple[float, int]:
+class _Hashing(io.RawIOBase):
+    """A stream that hashes what passes (sha256, as our loader checks every shard), checked at its end."""
+
+    def __init__(self, stream, url: str, sha256: str):
+        self.stream, self.url, self.sha256, self.hash = stream, url, sha256, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        self.hash.update(data)
+        buffer[:len(data)] = data
+        if not data and self.hash.hexdigest() != self.sha256:
+            raise ValueError(f"{self.url}: sha256 differs from the manifest")
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def _plain_webdataset(url: str, *, workers: int, batch: int, frames: int, hashed: bool = False) -> tuple[float, int]:
     """webdataset's own stages over boto3 streams: shuffled shard list split by worker, tar expander, group by
-    key, a 256-sample shuffle buffer, the same decode and crop, batched."""
+    key, a 256-sample shuffle buffer, the same decode and crop, batched. `hashed`: each stream is also hashed
+    (sha256) and checked at its end, the integrity check our loader makes on every shard."""
     import webdataset as wds
     from safetensors.torch import load
 
     from pipeline import manifest, storage
     from pipeline.data.latents import CropSpec, crop
     spec = CropSpec(frames=frames, samples_per_frame=2048, sample_rate=44100)
-    urls = [o["url"] for o in manifest.read_manifest(url).outputs]
+    outputs = manifest.read_manifest(url).outputs
+    urls, sha = [o["url"] for o in outputs], {o["url"]: o["sha256"] for o in outputs}
 
     def open_streams(src):
         for sample in src:
-            yield {"url": sample["url"], "stream": storage.open_read(sample["url"])}
+            stream = storage.open_read(sample["url"])
+            if hashed:
+                stream = io.BufferedReader(_Hashing(stream, sample["url"], sha[sample["url"]]), buffer_size=1 << 20)
+            yield {"url": sample["url"], "stream": stream}
 
     def decode(sample):
         t = load(sample["latents.safetensors"])
@@ -221,6 +248,8 @@ def s3_throughput(args) -> None:
             for kind, url in urls.items():
                 rows = {"plain webdataset": lambda w: _plain_webdataset(url, workers=w, batch=args.batch,
                                                                          frames=args.frames),
+                        "plain webdataset + sha256 (our check)": lambda w: _plain_webdataset(
+                            url, workers=w, batch=args.batch, frames=args.frames, hashed=True),
                         "ours, node cache": lambda w: _ours(url, workers=w, batch=args.batch, frames=args.frames,
                                                             cache=tempfile.mkdtemp(dir=tmp), cache_bytes=None,
                                                             draw=False),

@@ -21,7 +21,9 @@ from typing import Callable
 from pipeline import storage
 from pipeline.data.workers import die_with_parent
 
-_STATE = struct.Struct("<qqii")  # epoch, step, stop flag, error length
+_POSITION = struct.Struct("<qq")  # at 0, written by the rank: its next (epoch, step)
+_FLAG = struct.Struct("<i")  # at 16 the rank's stop flag, at 20 the first error's length (written by a fetcher)
+_STOP_AT, _ERROR_LENGTH_AT, _ERROR_AT = 16, 20, 24
 _ERROR_BYTES = 4096
 
 
@@ -32,7 +34,7 @@ class Fetcher:
 
     def __init__(self, step: Callable[[tuple[int, int]], bool], *, processes: int, position: tuple[int, int],
                  on_error: Callable[[str], None] = lambda message: None):
-        self.mem = mmap.mmap(-1, _STATE.size + _ERROR_BYTES)
+        self.mem = mmap.mmap(-1, _ERROR_AT + _ERROR_BYTES)
         self.set_position(position)
         context = multiprocessing.get_context("fork")
         self._error_lock = context.Lock()
@@ -41,28 +43,26 @@ class Fetcher:
                                           daemon=True) for i in range(processes)]
         for p in self.processes:
             p.start()
+        self.pids = [p.pid for p in self.processes]
 
     def set_position(self, position: tuple[int, int]) -> None:
         """The rank's next (epoch, step): the fetcher frees what is before it and fetches what follows."""
-        _, _, stop, n = _STATE.unpack_from(self.mem, 0)
-        _STATE.pack_into(self.mem, 0, position[0], position[1], stop, n)
+        _POSITION.pack_into(self.mem, 0, *position)
 
     def _position(self) -> tuple[int, int]:
-        epoch, step, _, _ = _STATE.unpack_from(self.mem, 0)
-        return epoch, step
+        return _POSITION.unpack_from(self.mem, 0)
 
     def _stopped(self) -> bool:
-        return bool(_STATE.unpack_from(self.mem, 0)[2])
+        return bool(_FLAG.unpack_from(self.mem, _STOP_AT)[0])
 
     def error(self) -> str | None:
-        n = _STATE.unpack_from(self.mem, 0)[3]
-        return self.mem[_STATE.size:_STATE.size + n].decode() if n else None
+        n = _FLAG.unpack_from(self.mem, _ERROR_LENGTH_AT)[0]
+        return self.mem[_ERROR_AT:_ERROR_AT + n].decode(errors="replace") if n else None
 
     def _set_error(self, message: str) -> None:
         data = message.encode()[:_ERROR_BYTES]
-        self.mem[_STATE.size:_STATE.size + len(data)] = data
-        epoch, step, stop, _ = _STATE.unpack_from(self.mem, 0)
-        _STATE.pack_into(self.mem, 0, epoch, step, stop, len(data))
+        self.mem[_ERROR_AT:_ERROR_AT + len(data)] = data
+        _FLAG.pack_into(self.mem, _ERROR_LENGTH_AT, len(data))  # published after the message
 
     def _run(self, step, parent: int, on_error) -> None:
         die_with_parent(parent)(0)
@@ -79,21 +79,33 @@ class Fetcher:
                     on_error(message)
 
     def raise_error(self) -> None:
-        """Raise the fetcher's error, or "stopped" once the rank stopped it (for readers waiting on it)."""
+        """Raise the fetchers' error, "stopped" once the rank stopped them, or "died" when one is gone without
+        a word (the OOM killer): for the rank and for readers waiting on them."""
         message = self.error()
         if message is not None:
             raise storage.StorageError(message)
         if self._stopped():
             raise storage.StorageError("the loader's shard fetcher was stopped")
+        for pid in self.pids:
+            if not _running(pid):
+                raise storage.StorageError(f"the loader's shard fetcher (process {pid}) died; out of memory?")
 
     def stop(self, grace: float = 0.1) -> None:
-        """Ask the threads to finish; a fetch still running after `grace` seconds is cut short (SIGKILL): the
+        """Ask the fetchers to finish; a fetch still running after `grace` seconds is cut short (SIGKILL): the
         node cache drops the reservation of a dead process, and a memory pool goes with its loader."""
-        epoch, step, _, n = _STATE.unpack_from(self.mem, 0)
-        _STATE.pack_into(self.mem, 0, epoch, step, 1, n)
+        _FLAG.pack_into(self.mem, _STOP_AT, 1)
         deadline = time.monotonic() + grace
         for p in self.processes:
             p.join(timeout=max(deadline - time.monotonic(), 0))
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child its parent has not reaped yet still answers signals)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

@@ -6,11 +6,11 @@ batch is left out; the position is part of the checkpoint and a resume continues
 
 How: `epoch_plan.py` splits each epoch's shards across nodes and orders each node's samples (block shuffle
 plus a shuffle window); rank `j` of a node serves every `R`-th of them. `shard_cache.py` brings the shards:
-in place when local, through the node's bounded disk cache from S3 (prefetched ahead by background threads
-of each rank's main process, evicted once every rank of the node is past them), or into memory with
-`cache_bytes=0` (`memory_pool.py`: each rank is its own group, its main process fetches each shard once,
-ahead, into memory its loader workers share). Each shard's tar is walked once, by the process that fetches
-or first verifies it (`tar_index.py`); workers read the index. Sample `g` of the job is the `i`-th
+in place when local, through the node's bounded disk cache from S3 (prefetched ahead by each rank's fetcher
+processes, `fetcher.py`, evicted once every rank of the node is past them), or into memory with
+`cache_bytes=0` (`memory_pool.py`: each rank is its own group; its fetchers bring each shard once, ahead,
+into memory its loader workers share). Each shard's tar is walked once, by the process that fetches or
+first verifies it (`tar_index.py`); workers read the index. Sample `g` of the job is the `i`-th
 sample of shard `s` in manifest order. Everything random about a sample comes from seeds derived from
 (seed, epoch, g, stream): the crop here, the VAE noise on the model's device (`posterior.py`), so a sample
 does not depend on batch size, worker, rank count or resume.
@@ -202,7 +202,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def bind(self, layout: PlanLayout, pool_slots: int = 0) -> None:
         """Called by the loader before reading (and before its workers fork): the plan tells the cache what is
         needed when. In memory mode, `pool_slots` > 0 maps a memory pool of that many shards that the loader's
-        fetch threads fill; 0 leaves each process to stream the shards it reads itself, on demand."""
+        fetchers fill; 0 leaves each process to stream the shards it reads itself, on demand."""
         self.layout = layout
         self._indices.clear()
         # one folder per group, so two "nodes" on one host (tests, or an unknown layout) never share one
@@ -394,10 +394,10 @@ class _RankBatches(torch.utils.data.Sampler):
 class LatentLoader:
     """Iterate for batches (endlessly, epoch after epoch); `state_dict()` after a step is the position of the
     next batch. `num_nodes`/`node_rank`/`local_rank` place the rank (default: one node); the ranks of a node
-    share its cache. `prefetch_shards` shards beyond the current step are fetched by `fetchers` processes
-    of the rank (`fetcher.py`), into the node cache or, with `cache_bytes=0`, into the
-    rank's memory pool (0 fetchers: each reader fetches what it needs itself, on demand; in memory mode each process streams
-    the shards it reads)."""
+    share its cache. `prefetch_shards` shards beyond the current step are fetched by `fetchers` processes of
+    the rank (`fetcher.py`), into the node cache or, with `cache_bytes=0`, into the rank's memory pool (0
+    fetchers: each reader fetches what it needs itself, on demand; in memory mode each process streams the
+    shards it reads)."""
 
     def __init__(self, dataset: ShardDataset, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 0, num_nodes: int = 1, node_rank: int | None = None, local_rank: int | None = None,
@@ -477,7 +477,7 @@ class LatentLoader:
         if source is not None and self.fetchers > 0:
             fetcher = Fetcher(step, processes=self.fetchers, position=(self.epoch, self.batch),
                               on_error=source.fail if isinstance(source, MemoryPool) else lambda message: None)
-        if isinstance(source, NodeCache):
+        if source is not None:
             source.fetcher = fetcher  # before the workers fork: they copy it
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_RankBatches(self, self.epoch, self.batch), collate_fn=collate,
@@ -506,7 +506,7 @@ class LatentLoader:
             if fetcher is not None:
                 fetcher.stop()  # readers waiting for it raise "stopped" and let the workers go
             del batches
-            if isinstance(source, NodeCache):
+            if source is not None:
                 source.fetcher = None
 
     def state_dict(self) -> dict:

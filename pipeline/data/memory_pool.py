@@ -72,6 +72,8 @@ class MemoryPool:
         self.base = _POOL.size + _POOL_MESSAGE
         self.mem = mmap.mmap(-1, self.base + slots * self.stride)  # MAP_SHARED | MAP_ANONYMOUS
         self.schedule: Schedule | None = None
+        self.fetcher = None
+        """The rank's fetchers (`fetcher.py`), set before the workers fork: a waiting reader raises their death."""
         self._lock = multiprocessing.get_context("fork").Lock()  # the fetchers' only; readers take none
 
     # headers
@@ -137,17 +139,20 @@ class MemoryPool:
     def _fill(self, slot: int, epoch: int, s: int) -> None:
         ref = self.shards[s]
         at = self.base + slot * self.stride + _SLOT_HEADER
-        verifier, size = Verifier(ref), 0
+        verifier, size, view = Verifier(ref), 0, memoryview(self.mem)
         try:
-            with storage.open_read(ref.url) as f:
-                for chunk in iter(lambda: f.read(_READ_CHUNK), b""):
-                    verifier.update(chunk)
-                    if size + len(chunk) > self.slot_bytes:
+            with storage.open_read(ref.url) as f:  # read straight into the slot, hashed there
+                while True:
+                    room = min(_READ_CHUNK, self.slot_bytes - size)
+                    n = f.readinto(view[at + size: at + size + room]) if room else len(f.read(1))
+                    if not n:
+                        break
+                    if not room:
                         raise storage.StorageError(f"{ref.url}: larger than the manifest's {ref.bytes} bytes")
-                    self.mem[at + size: at + size + len(chunk)] = chunk
-                    size += len(chunk)
+                    verifier.update(view[at + size: at + size + n])
+                    size += n
             verifier.check()
-            members = index_of(ref, memoryview(self.mem)[at: at + size])
+            members = index_of(ref, view[at: at + size])
         except ShardRejected as e:
             record = json.dumps(e.record).encode()[: self.slot_bytes]
             self.mem[at: at + len(record)] = record
@@ -178,6 +183,8 @@ class MemoryPool:
             failed = self._failed()
             if failed is not None:
                 raise storage.StorageError(failed)
+            if self.fetcher is not None:
+                self.fetcher.raise_error()
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{self.shards[s].url}: not in this rank's memory pool after "
                                            f"{WAIT_SECONDS:.0f} s")

@@ -301,3 +301,16 @@ def test_a_crafted_tar_index_is_refused_with_one_error_naming_the_shard(member, 
     shard = manifest.read_manifest(url).outputs[0]["url"]
     with pytest.raises(ValueError, match=rf"^{re.escape(shard)}: tar index {re.escape(index)} is refused: {why}"):
         fresh[(0, 1, 0)]
+
+
+@pytest.mark.parametrize("cache_gb", [None, 0], ids=["node cache", "memory"])
+def test_a_fetcher_killed_without_a_word_stops_the_loader_with_one_error(cache_gb, s3_bucket, tmp_path):
+    import signal
+    url = trainkit.write_latent_shards(f"s3://{s3_bucket}/killed-{cache_gb}", shards=4, per_shard=4)
+    ds = _dataset(url, str(tmp_path), cache_bytes=None if cache_gb is None else 0)
+    batches = iter(LatentLoader(ds, rank=0, world_size=1, batch_size=2, seed=3, knobs=KNOBS, prefetch_shards=1))
+    next(batches)
+    for pid in ds.source.fetcher.pids:  # the fetchers this loader started (the OOM killer's way)
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(storage.StorageError, match=r"shard fetcher \(process \d+\) died"):
+        list(itertools.islice(batches, 40))  # 5 epochs: shards the dead fetchers never brought
