@@ -25,6 +25,8 @@ _POSITION = struct.Struct("<qq")  # at 0, written by the rank: its next (epoch, 
 _FLAG = struct.Struct("<i")  # at 16 the rank's stop flag, at 20 the first error's length (written by a fetcher)
 _STOP_AT, _ERROR_LENGTH_AT, _ERROR_AT = 16, 20, 24
 _ERROR_BYTES = 4096
+IDLE_SECONDS = 0.005
+"""A fetcher with nothing to fetch looks again this often (the rank moving on frees room for the next shard)."""
 
 
 class Fetcher:
@@ -70,7 +72,7 @@ class Fetcher:
         try:
             while not self._stopped() and self.error() is None:
                 if not step(self._position()):
-                    time.sleep(0.02)
+                    time.sleep(IDLE_SECONDS)
         except Exception as e:  # noqa: BLE001 - handed to the rank, raised at its next batch
             with self._error_lock:
                 if self.error() is None:

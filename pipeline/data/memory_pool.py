@@ -29,7 +29,7 @@ from typing import Sequence
 
 from pipeline import storage
 from pipeline.data import tar_index
-from pipeline.data.shard_cache import (POLL_SECONDS, WAIT_SECONDS, Schedule, ShardRef, ShardRejected, Verifier,
+from pipeline.data.shard_cache import (WAIT_POLL_SECONDS, WAIT_SECONDS, Schedule, ShardRef, ShardRejected, Verifier,
                                        index_of)
 
 FREE, FILLING, READY, REJECTED = 0, 1, 2, 3
@@ -188,7 +188,7 @@ class MemoryPool:
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{self.shards[s].url}: not in this rank's memory pool after "
                                            f"{WAIT_SECONDS:.0f} s")
-            time.sleep(POLL_SECONDS)
+            time.sleep(WAIT_POLL_SECONDS)
 
 
 class PoolShard:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 POLL_SECONDS = 0.02
+WAIT_POLL_SECONDS = 0.003
+"""A reader that only waits for a fetcher (no claim, no lock) looks this often: a batch stalls for at most this."""
 WAIT_SECONDS = 3600.0
 """A reader gives up on a shard nobody is downloading any more after this long (a node that lost a rank)."""
 
@@ -299,7 +301,7 @@ class NodeCache:
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{self.shards[s].url}: not in the node cache {self.folder} after "
                                            f"{WAIT_SECONDS:.0f} s (usage {self.usage()} of {self.budget} bytes)")
-            time.sleep(POLL_SECONDS)
+            time.sleep(POLL_SECONDS if self.fetcher is None else WAIT_POLL_SECONDS)
 
 
 def _holder_alive(reserve_path: str) -> bool:
