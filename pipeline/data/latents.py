@@ -469,7 +469,8 @@ class LatentLoader:
                 need = needed_slots(source.schedule, position[0], slack_steps(self.num_workers))
                 if need > slots:
                     raise ValueError(f"the memory pool of {slots} shards cannot hold the {need} shards this rank "
-                                     f"needs at once in epoch {position[0]}: raise prefetch_shards")
+                                     f"needs at once in epoch {position[0]} (it was sized for the epochs where "
+                                     f"this run started): resume from the last checkpoint, which sizes it again")
                 checked[0] = position[0]
             return source.prefetch_once(position, self.prefetch_shards)
 

@@ -30,7 +30,7 @@ from typing import Sequence
 from pipeline import storage
 from pipeline.data import tar_index
 from pipeline.data.shard_cache import (WAIT_POLL_SECONDS, WAIT_SECONDS, Schedule, ShardRef, ShardRejected, Verifier,
-                                       index_of)
+                                       index_of, reject_record)
 
 FREE, FILLING, READY, REJECTED = 0, 1, 2, 3
 _POOL = struct.Struct("<ii")  # state (0 ok, 1 failed), message length
@@ -147,8 +147,8 @@ class MemoryPool:
                     n = f.readinto(view[at + size: at + size + room]) if room else len(f.read(1))
                     if not n:
                         break
-                    if not room:
-                        raise storage.StorageError(f"{ref.url}: larger than the manifest's {ref.bytes} bytes")
+                    if not room:  # it cannot be the shard of the manifest: a reject, like any byte count
+                        raise ShardRejected(reject_record(ref, "bytes", ref.bytes, f"more than {self.slot_bytes}"))
                     verifier.update(view[at + size: at + size + n])
                     size += n
             verifier.check()
