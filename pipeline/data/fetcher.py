@@ -25,23 +25,21 @@ _POSITION = struct.Struct("<qq")  # at 0, written by the rank: its next (epoch, 
 _FLAG = struct.Struct("<i")  # at 16 the rank's stop flag, at 20 the first error's length (written by a fetcher)
 _STOP_AT, _ERROR_LENGTH_AT, _ERROR_AT = 16, 20, 24
 _ERROR_BYTES = 4096
-IDLE_SECONDS = 0.005
-"""A fetcher with nothing to fetch looks again this often (the rank moving on frees room for the next shard)."""
 
 
 class Fetcher:
     """`step(position)` runs in the child: it fetches at most one shard and says whether it did (a source's
-    `prefetch_once`); `on_error(message)` also runs there, once, on the first error (the memory pool wakes its
+    `prefetch_once`; when it did not, the child looks again after `idle_seconds`); `on_error(message)` also runs there, once, on the first error (the memory pool wakes its
     waiting readers with it)."""
 
     def __init__(self, step: Callable[[tuple[int, int]], bool], *, processes: int, position: tuple[int, int],
-                 on_error: Callable[[str], None] = lambda message: None):
+                 idle_seconds: float, on_error: Callable[[str], None] = lambda message: None):
         self.mem = mmap.mmap(-1, _ERROR_AT + _ERROR_BYTES)
         self.set_position(position)
         context = multiprocessing.get_context("fork")
         self._error_lock = context.Lock()
         parent = os.getpid()
-        self.processes = [context.Process(target=self._run, args=(step, parent, on_error), name=f"shard-fetcher-{i}",
+        self.processes = [context.Process(target=self._run, args=(step, parent, on_error, idle_seconds), name=f"shard-fetcher-{i}",
                                           daemon=True) for i in range(processes)]
         for p in self.processes:
             p.start()
@@ -66,13 +64,13 @@ class Fetcher:
         self.mem[_ERROR_AT:_ERROR_AT + len(data)] = data
         _FLAG.pack_into(self.mem, _ERROR_LENGTH_AT, len(data))  # published after the message
 
-    def _run(self, step, parent: int, on_error) -> None:
+    def _run(self, step, parent: int, on_error, idle_seconds: float) -> None:
         die_with_parent(parent)(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the rank's to handle; it stops us
         try:
             while not self._stopped() and self.error() is None:
                 if not step(self._position()):
-                    time.sleep(IDLE_SECONDS)
+                    time.sleep(idle_seconds)  # nothing to fetch until the rank moves on
         except Exception as e:  # noqa: BLE001 - handed to the rank, raised at its next batch
             with self._error_lock:
                 if self.error() is None:

@@ -477,6 +477,7 @@ class LatentLoader:
         fetcher = None
         if source is not None and self.fetchers > 0:
             fetcher = Fetcher(step, processes=self.fetchers, position=(self.epoch, self.batch),
+                              idle_seconds=source.IDLE_SECONDS,
                               on_error=source.fail if isinstance(source, MemoryPool) else lambda message: None)
         if source is not None:
             source.fetcher = fetcher  # before the workers fork: they copy it
