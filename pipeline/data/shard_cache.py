@@ -164,8 +164,10 @@ class NodeCache:
                 if not _holder_alive(path):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-                    for part in glob.glob(path[:-len(".reserve")] + ".part-*"):
-                        os.unlink(part)
+                    final = path[:-len(".reserve")]  # and what its download left: a part, an unpublished index
+                    for part in glob.glob(final + ".part-*") + glob.glob(final + tar_index.SUFFIX + "*"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(part)
                     continue
                 out.setdefault((epoch, s), "reserved")
             else:
