@@ -14,7 +14,8 @@ shard's manifest index), next to the global-permutation plan this loader replace
 (b) Starts the project's S3 test server (tests/s3server.py, SeaweedFS on 127.0.0.1), writes the same samples
 as mean+std shards and as single-tensor shards, and reads one epoch with our loader (node cache, and
 --cache-gb 0) against plain webdataset streaming the same tars from the same server (url list split by
-worker, tar expander, group by key, the same decode and crop), with 0 and 2 workers. Runs are interleaved
+worker, tar expander, group by key, the same decode and crop), with 0 and 2 workers; a second plain row also
+hashes each stream (sha256, the check our loader makes on every shard as it arrives). Runs are interleaved
 (every reader and worker count once, then again) and each cell is the best of `--repeats`, since the machine
 is shared; the ratio to plain webdataset follows each row.
 

@@ -1,23 +1,23 @@
 """`--cache-gb 0` with prefetch: one fetch per shard per rank, shared by the rank's loader workers, in memory.
 
-The rank's main process maps a pool of `slots` shared anonymous pages before its fetcher process and loader
+The rank's main process maps a pool of `slots` shared anonymous pages before its fetcher processes and loader
 workers fork (so all see the same pages; nothing is written to disk and nothing outlives the processes), and
-the fetcher processes (`fetcher.py`) fill it: shards in the rank's first-use order (`Schedule`), each verified against its manifest
-entry as it arrives and indexed once (`tar_index.py`). A worker that needs a shard waits for its slot, reads
-the index from it and copies out the members of its samples. A slot is freed once the main process has
-received the batch of the shard's last step: every worker has built its batches up to there, and no batch a
-worker builds later is earlier.
+the fetchers (`fetcher.py`) fill it: shards in the rank's first-use order (`Schedule`), each verified against
+its manifest entry as it arrives and indexed once (`tar_index.py`). A worker that needs a shard waits for its
+slot, reads the index from it and copies out the members of its samples. A slot is freed once the main
+process has received the batch of the shard's last step: every worker has built its batches up to there, and
+no batch a worker builds later is earlier.
 
 Memory: `slots x slot_bytes`; the pages of the largest shard in each slot are committed when the pool is
-mapped (`_populate`), the index room only as it is written. `slots` is the most shards the rank's plan
-has live at once with its workers running ahead (`needed_slots`), plus `prefetch_shards`; `slot_bytes` is the
-largest shard in the manifest plus room for its index. Readers never take a lock (a worker forked while a
-thread of the main process held one would wait forever): each slot's header is written last, and a reader
+mapped (`_populate`), the index room only as it is written. `slots` is the most shards the rank's plan has
+live at once with its workers running ahead (`needed_slots`, about two blocks), plus `prefetch_shards`;
+`slot_bytes` is the largest shard in the manifest plus room for its index. Readers never take a lock (a
+process killed while holding one would stop them all): each slot's header is written last, and a reader
 checks it again after copying.
 
-Layout: a pool header (`state`, message length, message: the first fetch error, which every waiting reader
-raises) then, per slot, a header (`state`, epoch, shard, data bytes, index bytes, message bytes) and its
-bytes: the shard, then its index JSON (or a reject record for a rejected shard).
+Layout: a pool header (`state`, message length, message: the first error, which every waiting reader raises)
+then, per slot, a header (`state`, epoch, shard, data bytes, index bytes, record bytes) and its bytes: the
+shard, then its index JSON (or a reject record for a rejected shard).
 """
 from __future__ import annotations
 
@@ -73,8 +73,11 @@ def needed_slots(schedule: Schedule, epoch: int, lookahead: int) -> int:
 
 
 class MemoryPool:
+    """A rank's shards in memory, fetched once and read by all its loader workers (see the module docstring)."""
+
     IDLE_SECONDS = 0.005
     """An idle fetcher's next look (a look reads the slot headers: ~5 us)."""
+
     def __init__(self, shards: list[ShardRef], *, slots: int, slot_bytes: int):
         self.shards, self.slots, self.slot_bytes = shards, slots, slot_bytes
         self.stride = _pages(_SLOT_HEADER + slot_bytes)
@@ -104,16 +107,19 @@ class MemoryPool:
         _SLOT.pack_into(self.mem, self.base + i * self.stride, state, epoch, s, data, index, record)
 
     def fail(self, message: str) -> None:
-        """Every reader waiting on this pool raises `message` (a fetch that failed, a pool too small)."""
+        """Every reader waiting on this pool raises `message` (a fetch that failed, a pool too small, the loader
+        stopped); the first message stays."""
+        if self._failed() is not None:
+            return
         data = message.encode()[:_POOL_MESSAGE]
         self.mem[_POOL.size:_POOL.size + len(data)] = data
         _POOL.pack_into(self.mem, 0, 1, len(data))
 
     def _failed(self) -> str | None:
         state, n = _POOL.unpack_from(self.mem, 0)
-        return self.mem[_POOL.size:_POOL.size + n].decode() if state else None
+        return self.mem[_POOL.size:_POOL.size + n].decode(errors="replace") if state else None
 
-    # the main process: fetch ahead, free what is done
+    # the fetchers: fetch ahead, free what is done
     def prefetch_once(self, position: tuple[int, int], extra: int) -> bool:
         """Free the slots of shards the rank is past, then fetch the next shard in first-use order (this epoch
         and the next) into a free slot, at most `extra` shards beyond those live at `position`; True if one
