@@ -6,9 +6,11 @@ batch is left out; the position is part of the checkpoint and a resume continues
 
 How: `epoch_plan.py` splits each epoch's shards across nodes and orders each node's samples (block shuffle
 plus a shuffle window); rank `j` of a node serves every `R`-th of them. `shard_cache.py` brings the shards:
-in place when local, through the node's bounded disk cache from S3 (prefetched ahead by background threads
-of each rank's main process, evicted once every rank of the node is past them), or into memory with
-`cache_bytes=0` (then each rank is its own group: nothing is shared). Sample `g` of the job is the `i`-th
+in place when local, through the node's bounded disk cache from S3 (prefetched ahead by each rank's fetcher
+processes, `fetcher.py`, evicted once every rank of the node is past them), or into memory with
+`cache_bytes=0` (`memory_pool.py`: each rank is its own group; its fetchers bring each shard once, ahead,
+into memory its loader workers share). Each shard's tar is walked once, by the process that fetches or
+first verifies it (`tar_index.py`); workers read the index. Sample `g` of the job is the `i`-th
 sample of shard `s` in manifest order. Everything random about a sample comes from seeds derived from
 (seed, epoch, g, stream): the crop here, the VAE noise on the model's device (`posterior.py`), so a sample
 does not depend on batch size, worker, rank count or resume.
@@ -20,9 +22,8 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
-import tarfile
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -30,10 +31,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipeline import storage
+from pipeline.data import tar_index
 from pipeline.data.workers import die_with_parent
 from pipeline.data.epoch_plan import PlanLayout, ShuffleKnobs, derived_seed
-from pipeline.data.shard_cache import (MemoryShards, NodeCache, Schedule, ShardRef, ShardRejected, mark_rejected,
-                                       reject_record, verify_local_once)
+from pipeline.data.fetcher import Fetcher
+from pipeline.data.memory_pool import MemoryPool, needed_slots, slot_bytes_for
+from pipeline.data.shard_cache import (MemoryShards, NodeCache, Schedule, ShardRef, ShardRejected, index_of,
+                                       mark_rejected, reject_record, verify_local_once)
 
 __all__ = ["Batch", "CropSpec", "LatentLoader", "ShardDataset", "ShardRef", "ShuffleKnobs", "crop", "derived_seed"]
 
@@ -124,18 +128,18 @@ def crop(x: torch.Tensor, valid: int, meta: dict, spec: CropSpec, generator: tor
 
 
 class _TarIndex:
-    """Random access into a tar (a local file, or bytes in memory): key -> {ext: (data offset, size)}."""
+    """Random access into a tar (a local file, or its bytes: `bytes` or a memory pool slot): key -> {ext: (data
+    offset, size)}, from the shard's tar index (`members`); without one, the tar is walked here."""
 
-    def __init__(self, path: str | None = None, data: bytes | None = None):
+    def __init__(self, path: str | None = None, data=None, members: list[tuple[str, int, int]] | None = None):
         self.path, self.data = path, data
+        if members is None:
+            members = tar_index.build(path if data is None else bytes(data))
         self.members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(path, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                self.members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+        for name, offset, size in members:
+            base = name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            self.members.setdefault(key, {})[ext] = (offset, size)
         self.keys = list(self.members)
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
@@ -183,7 +187,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.cache_bytes, self.max_reject_fraction = cache_bytes, max_reject_fraction
         self.starts = np.cumsum([0] + [s.samples for s in shards])
         self.remote = any(storage.is_s3(s.url) for s in shards)
-        self.source: NodeCache | MemoryShards | None = None
+        self.source: NodeCache | MemoryPool | MemoryShards | None = None
         self.layout: PlanLayout | None = None
         self.node_dir = cache_dir
         self._indices: dict[tuple[int, int], _TarIndex | _NpyDirIndex] = {}
@@ -195,8 +199,10 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def bind(self, layout: PlanLayout) -> None:
-        """Called by the loader before reading: the plan tells the cache what is needed when."""
+    def bind(self, layout: PlanLayout, pool_slots: int = 0) -> None:
+        """Called by the loader before reading (and before its workers fork): the plan tells the cache what is
+        needed when. In memory mode, `pool_slots` > 0 maps a memory pool of that many shards that the loader's
+        fetchers fill; 0 leaves each process to stream the shards it reads itself, on demand."""
         self.layout = layout
         self._indices.clear()
         # one folder per group, so two "nodes" on one host (tests, or an unknown layout) never share one
@@ -204,6 +210,8 @@ class ShardDataset(torch.utils.data.Dataset):
         os.makedirs(self.node_dir, exist_ok=True)
         if not self.remote:
             self.source = None
+        elif self.in_memory and pool_slots:
+            self.source = MemoryPool(self.shards, slots=pool_slots, slot_bytes=slot_bytes_for(self.shards))
         elif self.in_memory:
             self.source = MemoryShards(self.shards)
         else:
@@ -228,13 +236,17 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise RuntimeError("ShardDataset.bind() comes before reading S3 shards (LatentLoader does it)")
             if os.path.isdir(ref.url):
                 index = _NpyDirIndex(ref.url)
+            elif isinstance(self.source, MemoryPool):
+                shard = self.source.open(epoch, s)
+                index = _TarIndex(data=shard, members=shard.members)
             elif isinstance(self.source, MemoryShards):
-                index = _TarIndex(data=self.source.data(epoch, s, step))
+                data = self.source.data(epoch, s, step)
+                index = _TarIndex(data=data, members=index_of(ref, data))
             elif isinstance(self.source, NodeCache):
-                index = _TarIndex(self.source.path(epoch, s, step))
+                path = self.source.path(epoch, s, step)
+                index = _TarIndex(path, members=self.source.index(epoch, s))
             else:
-                verify_local_once(ref, s, self.node_dir)
-                index = _TarIndex(ref.url)
+                index = _TarIndex(ref.url, members=verify_local_once(ref, s, self.node_dir))
             if len(index.keys) != ref.samples:
                 raise ShardRejected(reject_record(ref, "samples", ref.samples, len(index.keys)))
             self._indices[key] = index
@@ -382,18 +394,20 @@ class _RankBatches(torch.utils.data.Sampler):
 class LatentLoader:
     """Iterate for batches (endlessly, epoch after epoch); `state_dict()` after a step is the position of the
     next batch. `num_nodes`/`node_rank`/`local_rank` place the rank (default: one node); the ranks of a node
-    share its cache. `prefetch_shards` shards beyond the current step are fetched by `prefetch_threads`
-    background threads (S3 with a disk cache)."""
+    share its cache. `prefetch_shards` shards beyond the current step are fetched by `fetchers` processes of
+    the rank (`fetcher.py`), into the node cache or, with `cache_bytes=0`, into the rank's memory pool (0
+    fetchers: each reader fetches what it needs itself, on demand; in memory mode each process streams the
+    shards it reads)."""
 
     def __init__(self, dataset: ShardDataset, *, rank: int, world_size: int, batch_size: int, seed: int,
                  num_workers: int = 0, num_nodes: int = 1, node_rank: int | None = None, local_rank: int | None = None,
-                 knobs: ShuffleKnobs = ShuffleKnobs(), prefetch_shards: int = 4, prefetch_threads: int = 2):
+                 knobs: ShuffleKnobs = ShuffleKnobs(), prefetch_shards: int = 4, fetchers: int = 2):
         if num_nodes < 1 or world_size % num_nodes:
             raise ValueError(f"world size {world_size} is not a whole number of ranks on each of {num_nodes} nodes")
         self.dataset = dataset
         self.rank, self.world_size, self.batch_size, self.num_nodes = rank, world_size, batch_size, num_nodes
         self.seed, self.num_workers, self.knobs = seed, num_workers, knobs
-        self.prefetch_shards, self.prefetch_threads = prefetch_shards, prefetch_threads
+        self.prefetch_shards, self.fetchers = prefetch_shards, fetchers
         per_node = world_size // num_nodes
         if dataset.in_memory:  # nothing is shared between the ranks of a node: each rank is its own group
             group, groups, self.local, ranks = rank, world_size, 0, 1
@@ -429,26 +443,44 @@ class LatentLoader:
                              f"raise --cache-gb, or use --cache-gb 0 to stream into memory")
         self._checked.add(epoch)
 
+    def _pool_slots(self) -> int:
+        """Shards the rank's memory pool holds (0: no pool): what its plan has live at once, with the workers
+        running ahead, plus the prefetch depth. A pool needs every shard's size, and workers forked (not
+        spawned) after it is mapped."""
+        ds = self.dataset
+        if not (ds.in_memory and self.fetchers > 0 and all(s.bytes > 0 for s in ds.shards)):
+            return 0
+        if self.num_workers and multiprocessing.get_start_method() != "fork":
+            return 0
+        schedule = Schedule(plan_for=self.layout.plan)
+        return needed_slots(schedule, self.epoch, slack_steps(self.num_workers)) + max(self.prefetch_shards, 1)
+
     def __iter__(self) -> Iterator[Batch]:
-        self.dataset.bind(self.layout)
+        slots = self._pool_slots()
+        self.dataset.bind(self.layout, pool_slots=slots)
         self._check_budget(self.epoch)
-        cache = self.dataset.source if isinstance(self.dataset.source, NodeCache) else None
-        stop, errors = threading.Event(), []
-        if cache is not None:
-            cache.write_progress(self.local, self.epoch, self.batch)
+        source = self.dataset.source if isinstance(self.dataset.source, (NodeCache, MemoryPool)) else None
+        if isinstance(source, NodeCache):
+            source.write_progress(self.local, self.epoch, self.batch)
+        checked = [-1]
 
-        def prefetch() -> None:
-            try:
-                while not stop.is_set():
-                    if not cache.prefetch_once((self.epoch, self.batch), self.prefetch_shards):
-                        stop.wait(0.05)
-            except Exception as e:  # handed to the main thread, raised at the next batch
-                errors.append(e)
+        def step(position: tuple[int, int]) -> bool:  # runs in the fetcher processes
+            if isinstance(source, MemoryPool) and position[0] != checked[0]:
+                need = needed_slots(source.schedule, position[0], slack_steps(self.num_workers))
+                if need > slots:
+                    raise ValueError(f"the memory pool of {slots} shards cannot hold the {need} shards this rank "
+                                     f"needs at once in epoch {position[0]} (it was sized for the epochs where "
+                                     f"this run started): resume from the last checkpoint, which sizes it again")
+                checked[0] = position[0]
+            return source.prefetch_once(position, self.prefetch_shards)
 
-        threads = [threading.Thread(target=prefetch, daemon=True, name=f"shard-prefetch-{i}")
-                   for i in range(self.prefetch_threads if cache is not None else 0)]
-        for t in threads:
-            t.start()
+        fetcher = None
+        if source is not None and self.fetchers > 0:
+            fetcher = Fetcher(step, processes=self.fetchers, position=(self.epoch, self.batch),
+                              idle_seconds=source.IDLE_SECONDS,
+                              on_error=source.fail if isinstance(source, MemoryPool) else lambda message: None)
+        if source is not None:
+            source.fetcher = fetcher  # before the workers fork: they copy it
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_RankBatches(self, self.epoch, self.batch), collate_fn=collate,
             num_workers=self.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
@@ -456,20 +488,28 @@ class LatentLoader:
             # its own generator: creating the iterator draws a seed, which must not move the global RNG that
             # the model's randomness (CFG dropout) uses, or a resumed run would differ from an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed))
+        # held here, so that on close the workers are stopped after the pool lets its waiting readers go
+        batches = iter(loader)
         try:
-            for batch in loader:
-                if errors:
-                    raise errors[0]
+            for batch in batches:
+                if fetcher is not None:
+                    fetcher.raise_error()
                 self.batch += 1
                 if self.batch == self.batches_per_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0
-                if cache is not None:
-                    cache.write_progress(self.local, self.epoch, self.batch)
+                if isinstance(source, NodeCache):
+                    source.write_progress(self.local, self.epoch, self.batch)
+                if fetcher is not None:
+                    fetcher.set_position((self.epoch, self.batch))
                 yield batch
         finally:
-            stop.set()
-            for t in threads:
-                t.join()
+            if isinstance(source, MemoryPool):  # workers waiting for a shard nobody will fetch now: let them go
+                source.fail("the loader was stopped")
+            if fetcher is not None:
+                fetcher.stop()  # readers waiting for it raise "stopped" and let the workers go
+            del batches
+            if source is not None:
+                source.fetcher = None
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,

@@ -3,7 +3,8 @@ memory (S3 with `--cache-gb 0`); every shard checked against its manifest entry 
 
 Node cache (one folder per node, shared by its ranks and their loader workers, coordinated by an `flock`):
 - `e<epoch>-<shard>-<sha12>.tar`: a complete, verified copy (written as `.part-<pid>`, renamed when its
-  sha256 and byte count match the manifest).
+  sha256 and byte count match the manifest), and its tar index `<that>.idx.json` (`tar_index.py`), written
+  by the downloading process before the rename, so no other rank or worker walks the tar again.
 - `<that>.reserve`: a download in flight (`{pid, bytes}`); one of a dead process is dropped.
 - `progress-<j>.json`: the next `(epoch, step)` rank `j` of the node will consume.
 - `rejected-e<epoch>-<shard>.json`: a shard that failed its check, with expected and actual values.
@@ -22,16 +23,20 @@ import hashlib
 import json
 import logging
 import os
+import tarfile
 import threading
 import time
 from typing import Callable, Iterator
 
 from pipeline import storage
+from pipeline.data import tar_index
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 POLL_SECONDS = 0.02
+WAIT_POLL_SECONDS = 0.003
+"""A reader that only waits for a fetcher (no claim, no lock) looks this often: a batch stalls for at most this."""
 WAIT_SECONDS = 3600.0
 """A reader gives up on a shard nobody is downloading any more after this long (a node that lost a rank)."""
 
@@ -103,10 +108,16 @@ class Schedule:
 class NodeCache:
     """The node's bounded disk cache for S3 shards (see the module docstring)."""
 
+    IDLE_SECONDS = 0.02
+    """An idle fetcher's next look (a look takes the lock and lists the folder: ~0.3 ms)."""
+
     def __init__(self, folder: str, shards: list[ShardRef], *, budget_bytes: int | None, ranks_per_node: int):
         self.folder, self.shards, self.budget, self.ranks = folder, shards, budget_bytes, ranks_per_node
         os.makedirs(folder, exist_ok=True)
         self.schedule: Schedule | None = None
+        self.fetcher = None
+        """The rank's fetcher process (`fetcher.py`) while it runs: readers then wait for it instead of fetching,
+        so loader workers never open S3 connections of their own, and raise its error."""
 
     # names
     def name(self, epoch: int, s: int) -> str:
@@ -153,8 +164,10 @@ class NodeCache:
                 if not _holder_alive(path):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-                    for part in glob.glob(path[:-len(".reserve")] + ".part-*"):
-                        os.unlink(part)
+                    final = path[:-len(".reserve")]  # and what its download left: a part, an unpublished index
+                    for part in glob.glob(final + ".part-*") + glob.glob(final + tar_index.SUFFIX + "*"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(part)
                     continue
                 out.setdefault((epoch, s), "reserved")
             else:
@@ -169,7 +182,7 @@ class NodeCache:
         for (epoch, s), state in list(entries.items()):
             last = self.schedule.plan_for(epoch).last_step.get(s)
             if state == "present" and (last is None or (epoch, last) < progress):
-                os.unlink(self.name(epoch, s))
+                self._evict(epoch, s)
                 del entries[(epoch, s)]
         return entries
 
@@ -181,10 +194,15 @@ class NodeCache:
                        if state == "present" and (e, self.schedule.plan_for(e).first_step[s]) > before)
         while later and used + need > self.budget:
             _, e, s = later.pop()
-            os.unlink(self.name(e, s))
+            self._evict(e, s)
             del entries[(e, s)]
             used -= self.shards[s].bytes
         return used
+
+    def _evict(self, epoch: int, s: int) -> None:
+        os.unlink(self.name(epoch, s))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name(epoch, s) + tar_index.SUFFIX)
 
     def usage(self) -> int:
         """Bytes present or reserved (the budget's measure)."""
@@ -233,6 +251,9 @@ class NodeCache:
         try:
             with open(part, "wb") as f:
                 read_verified(self.shards[s], f.write)
+            members = index_of(self.shards[s], part)
+            tar_index.write(final + tar_index.SUFFIX, members, size=os.path.getsize(part),
+                            sha256=self.shards[s].sha256)
             complete = True
         except ShardRejected as e:
             rejected = e.record
@@ -257,9 +278,17 @@ class NodeCache:
         self._download(*claimed)
         return True
 
+    def index(self, epoch: int, s: int) -> list[tar_index.Member]:
+        """The members of a present copy, from the index its downloader wrote (a copy left by a version without
+        indexes is walked here instead)."""
+        final = self.name(epoch, s)
+        members = tar_index.read(final + tar_index.SUFFIX, shard=self.shards[s].url, size=os.path.getsize(final),
+                                 sha256=self.shards[s].sha256)
+        return index_of(self.shards[s], final) if members is None else members
+
     def path(self, epoch: int, s: int, step: int) -> str:
         """The local copy of shard `s` for `epoch`, read at node step `step`: fetched (in first-use order, so
-        maybe an earlier shard first) or awaited."""
+        maybe an earlier shard first) or awaited (always awaited while a fetcher runs)."""
         final, deadline = self.name(epoch, s), time.monotonic() + WAIT_SECONDS
         first = self.schedule.plan_for(epoch).first_step[s]
         while True:
@@ -268,14 +297,16 @@ class NodeCache:
             if os.path.exists(self.rejected_marker(epoch, s)):
                 with open(self.rejected_marker(epoch, s)) as f:
                     raise ShardRejected(json.load(f))
-            claimed = self._claim((epoch, step), (epoch, first), None)
+            if self.fetcher is not None:
+                self.fetcher.raise_error()
+            claimed = None if self.fetcher is not None else self._claim((epoch, step), (epoch, first), None)
             if claimed is not None:
                 self._download(*claimed)
                 continue
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{self.shards[s].url}: not in the node cache {self.folder} after "
                                            f"{WAIT_SECONDS:.0f} s (usage {self.usage()} of {self.budget} bytes)")
-            time.sleep(POLL_SECONDS)
+            time.sleep(POLL_SECONDS if self.fetcher is None else WAIT_POLL_SECONDS)
 
 
 def _holder_alive(reserve_path: str) -> bool:
@@ -312,23 +343,38 @@ class MemoryShards:
         return self.held[(epoch, s)]
 
 
-def verify_local_once(ref: ShardRef, s: int, folder: str) -> None:
+def index_of(ref: ShardRef, source: "str | bytes | memoryview") -> list[tar_index.Member]:
+    """Walk a verified shard's tar once (`tarfile`); a shard that is no tar is a reject."""
+    try:
+        return tar_index.build(source)
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardRejected(reject_record(ref, "tar", "a readable tar", str(e) or type(e).__name__)) from None
+
+
+def verify_local_once(ref: ShardRef, s: int, folder: str) -> list[tar_index.Member]:
     """A local shard is hashed when the node first opens it, and again only if its size or mtime changed; a
-    marker in the node folder records the check so the node's other processes skip it."""
-    if not (ref.sha256 or ref.bytes):
-        return
+    marker in the node folder records the check, and the tar index written beside it, so the node's other
+    processes skip both. Returns the shard's members."""
     st = os.stat(ref.url)
+    if not (ref.sha256 or ref.bytes):
+        return index_of(ref, ref.url)
     marker = os.path.join(folder, f"verified-{s:06d}-{ref.sha256[:12]}.json")
+    index_path = marker[:-len(".json")] + tar_index.SUFFIX
     seen = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
         with open(marker) as f:
             if json.load(f) == seen:
-                return
+                members = tar_index.read(index_path, shard=ref.url, size=st.st_size, sha256=ref.sha256)
+                if members is not None:
+                    return members
     read_verified(ref, lambda chunk: None)
+    members = index_of(ref, ref.url)
     os.makedirs(folder, exist_ok=True)
+    tar_index.write(index_path, members, size=st.st_size, sha256=ref.sha256)
     with open(marker + f".{os.getpid()}", "w") as f:
         json.dump(seen, f)
     os.replace(marker + f".{os.getpid()}", marker)
+    return members
 
 
 def mark_rejected(folder: str, marker: str, record: dict) -> None:

@@ -6,6 +6,7 @@ import collections
 import glob
 import itertools
 import os
+import re
 import sys
 import threading
 
@@ -71,7 +72,7 @@ def test_two_nodes_read_disjoint_shards_once_and_serve_every_sample_once(s3_buck
     shards = [o["url"] for o in manifest.read_manifest(url).outputs]
     reads.clear()
     loaders = [LatentLoader(_dataset(url, str(tmp_path / f"node{r}")), rank=r, world_size=2, batch_size=4, seed=3,
-                            num_nodes=2, knobs=KNOBS, prefetch_threads=0) for r in range(2)]
+                            num_nodes=2, knobs=KNOBS, fetchers=0) for r in range(2)]
     assert loaders[0].batches_per_epoch == 6  # 48 samples, global batch 8
     batches = _epoch(loaders, 6)
     served = _keys(batches[0]) + _keys(batches[1])
@@ -88,7 +89,7 @@ def test_ranks_of_one_node_share_its_cache_and_uneven_shards_give_equal_batches(
     reads.clear()
     cache = str(tmp_path / "node")
     loaders = [LatentLoader(_dataset(url, cache), rank=r, world_size=2, batch_size=3, seed=3, knobs=KNOBS,
-                            prefetch_threads=0) for r in range(2)]
+                            fetchers=0) for r in range(2)]
     assert [lo.batches_per_epoch for lo in loaders] == [7, 7]  # 45 // 6
     batches = _epoch(loaders, 7)
     served = _keys(batches[0]) + _keys(batches[1])
@@ -157,7 +158,7 @@ def test_cache_gb_0_streams_into_memory_and_writes_no_shard_to_disk(s3_bucket, t
     shards = [o["url"] for o in manifest.read_manifest(url).outputs]
     reads.clear()
     loaders = [LatentLoader(_dataset(url, str(tmp_path), cache_bytes=0), rank=r, world_size=2, batch_size=3, seed=3,
-                            knobs=KNOBS) for r in range(2)]
+                            knobs=KNOBS, fetchers=0) for r in range(2)]
     batches = _epoch(loaders, 4)
     served = _keys(batches[0]) + _keys(batches[1])
     assert len(served) == len(set(served)) == 24
@@ -171,7 +172,7 @@ def test_a_shard_that_changes_on_the_store_between_epochs_is_refused(where, s3_b
     url = trainkit.write_latent_shards(base, shards=2, per_shard=4)
     # no prefetch threads: they could fetch (and check) epoch 1's copy before the change
     lo = LatentLoader(_dataset(url, str(tmp_path / "cache")), rank=0, world_size=1, batch_size=2, seed=3, knobs=KNOBS,
-                      prefetch_threads=0)
+                      fetchers=0)
     batches = iter(lo)
     assert len(list(itertools.islice(batches, 4))) == 4  # epoch 0 reads fine
     target = manifest.read_manifest(url).outputs[1]
@@ -230,3 +231,86 @@ def test_sample_counts_are_checked_when_a_shard_is_indexed_and_bad_json_names_sh
 def _latent_bytes():
     from safetensors.torch import save
     return save({"latents": torch.zeros(4, 8)})
+
+
+@pytest.fixture
+def workers_must_not_fetch_or_walk_tars(monkeypatch):
+    """Loader workers (forked: they inherit these patches) fail their batch if they open a shard on the store or
+    walk a tar with `tarfile`; the fetcher processes and the rank itself may."""
+    import tarfile
+
+    def guard(real, what):
+        def guarded(*args, **kwargs):
+            if torch.utils.data.get_worker_info() is not None:
+                raise AssertionError(f"a loader worker {what}")
+            return real(*args, **kwargs)
+        return guarded
+
+    monkeypatch.setattr(storage, "open_read", guard(storage.open_read, "read a shard from the store"))
+    monkeypatch.setattr(tarfile, "open", guard(tarfile.open, "walked a tar with tarfile"))
+
+
+@pytest.mark.parametrize("cache_gb", [None, 0], ids=["node cache", "memory"])
+def test_workers_read_shards_through_the_index_written_once_and_batches_match_the_unprefetched_run(
+        cache_gb, s3_bucket, tmp_path, workers_must_not_fetch_or_walk_tars):
+    url = trainkit.write_latent_shards(f"s3://{s3_bucket}/indexed-{cache_gb}", shards=6, per_shard=5)
+    cache_bytes = None if cache_gb is None else 0
+    plain = LatentLoader(_dataset(url, str(tmp_path / "plain"), cache_bytes=cache_bytes), rank=0, world_size=1,
+                         batch_size=4, seed=3, knobs=KNOBS, fetchers=0)
+    expected = _epoch([plain], 10)[0]  # 7 batches an epoch: into the second
+    lo = LatentLoader(_dataset(url, str(tmp_path / "fetched"), cache_bytes=cache_bytes), rank=0, world_size=1,
+                      batch_size=4, seed=3, knobs=KNOBS, num_workers=2, fetchers=2, prefetch_shards=2)
+    indexed, got = [], []
+    for batch in itertools.islice(iter(lo), 10):
+        got.append(batch)
+        copies = glob.glob(str(tmp_path / "fetched" / "*" / "e*-*.tar"))
+        indexed += [os.path.exists(c + ".idx.json") for c in copies]
+    assert _keys(got) == _keys(expected)
+    assert all(torch.equal(sample_latents(a), sample_latents(b)) for a, b in zip(got, expected))
+    if cache_gb is None:  # every published copy came with its index
+        assert indexed and all(indexed)
+    else:
+        assert not glob.glob(str(tmp_path / "fetched" / "**" / "*.tar*"), recursive=True)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_the_fetcher_cannot_read_stops_the_memory_loader_with_one_error_naming_it(
+        num_workers, s3_bucket, tmp_path):
+    url = trainkit.write_latent_shards(f"s3://{s3_bucket}/gone-{num_workers}", shards=4, per_shard=4)
+    gone = manifest.read_manifest(url).outputs[2]["url"]
+    storage.delete(gone)
+    lo = LatentLoader(_dataset(url, str(tmp_path), cache_bytes=0), rank=0, world_size=1, batch_size=2, seed=3,
+                      knobs=KNOBS, num_workers=num_workers)
+    with pytest.raises(storage.StorageError, match=gone):
+        list(itertools.islice(iter(lo), 8))
+
+
+@pytest.mark.parametrize("member, why", [
+    (["../escape.json", 0, 10], r"member name '\.\./escape\.json' is empty, absolute or holds '\.\.'"),
+    (["s00i000.json", 10, 10 ** 9], r"member 's00i000\.json' at offset 10 of 1000000000 bytes lies outside"),
+], ids=["dot-dot name", "offset past the end"])
+def test_a_crafted_tar_index_is_refused_with_one_error_naming_the_shard(member, why, tmp_path):
+    import json
+    url = trainkit.write_latent_shards(str(tmp_path / "store"), shards=1, per_shard=4)
+    _dataset(url, str(tmp_path / "cache"))[(0, 0, 0)]  # verifies the local shard and writes its index, once
+    [index] = glob.glob(str(tmp_path / "cache" / "*.idx.json"))
+    doc = json.load(open(index))
+    doc["members"][0] = member
+    json.dump(doc, open(index, "w"))
+    fresh = _dataset(url, str(tmp_path / "cache"))  # another process of the node: it reads the index
+    shard = manifest.read_manifest(url).outputs[0]["url"]
+    with pytest.raises(ValueError, match=rf"^{re.escape(shard)}: tar index {re.escape(index)} is refused: {why}"):
+        fresh[(0, 1, 0)]
+
+
+@pytest.mark.parametrize("cache_gb", [None, 0], ids=["node cache", "memory"])
+def test_a_fetcher_killed_without_a_word_stops_the_loader_with_one_error(cache_gb, s3_bucket, tmp_path):
+    import signal
+    url = trainkit.write_latent_shards(f"s3://{s3_bucket}/killed-{cache_gb}", shards=4, per_shard=4)
+    ds = _dataset(url, str(tmp_path), cache_bytes=None if cache_gb is None else 0)
+    batches = iter(LatentLoader(ds, rank=0, world_size=1, batch_size=2, seed=3, knobs=KNOBS, prefetch_shards=1))
+    next(batches)
+    for pid in ds.source.fetcher.pids:  # the fetchers this loader started (the OOM killer's way)
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(storage.StorageError, match=r"shard fetcher \(process \d+\) died"):
+        list(itertools.islice(batches, 40))  # 5 epochs: shards the dead fetchers never brought
