@@ -17,23 +17,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [  # labels (instrument, key) pick the nearest real clips shown beside each prompt on the page
-    {"id": "piano-bach", "prompt": "solo piano, Bach chorale in G major, 4/4, 80 BPM", "instrument": "piano",
-     "key": "G major"},
-    {"id": "strings-mozart", "prompt": "string quartet, Mozart quartet movement in D major, 3/4, 120 BPM",
-     "instrument": "string quartet", "key": "D major"},
-    {"id": "flute-reel", "prompt": "flute, Irish folk reel in D major, 4/4, 140 BPM", "instrument": "flute",
+PROMPTS = [  # one per instrument family of the demo set; labels pick the nearest real clips shown beside each
+    {"id": "piano-chorale", "prompt": "Bach chorale by Johann Sebastian Bach played on piano, G major, 4/4, 80 BPM",
+     "instrument": "piano", "key": "G major"},
+    {"id": "organ-chorale", "prompt": "Bach chorale by Johann Sebastian Bach played on church organ, C major, 4/4, "
+     "72 BPM", "instrument": "church organ", "key": "C major"},
+    {"id": "choir-mass", "prompt": "Renaissance mass by Giovanni Pierluigi da Palestrina sung by choir, A minor, 4/2, "
+     "60 BPM", "instrument": "choir", "key": "A minor"},
+    {"id": "strings-quartet", "prompt": "Classical string quartet by Wolfgang Amadeus Mozart played on string "
+     "orchestra, D major, 3/4, 120 BPM", "instrument": "string orchestra", "key": "D major"},
+    {"id": "flute-reel", "prompt": "reel, Irish folk tune played on flute, D major, 4/4, 120 BPM", "instrument": "flute",
      "key": "D major"},
-    {"id": "choir-minor", "prompt": "choir, Palestrina motet in A minor, 4/2, 70 BPM", "instrument": "choir",
-     "key": "A minor"},
-    {"id": "organ-chorale", "prompt": "church organ, Bach chorale in C major, 4/4, 72 BPM",
-     "instrument": "church organ", "key": "C major"},
-    {"id": "fiddle-jig", "prompt": "fiddle, Irish folk jig in G major, 6/8, 120 BPM", "instrument": "fiddle",
-     "key": "G major"},
+    {"id": "brass-march", "prompt": "march, German folk song played on brass quartet, F major, 2/4, 100 BPM",
+     "instrument": "brass quartet", "key": "F major"},
 ]
 for _p in PROMPTS:
     _p.update(seconds_start=0, seconds_total=5)  # the demo clips are 5 s long (the DiT's timing conditioning)
-
 
 
 class Chain:
@@ -118,8 +117,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "demo_out"), help="where everything is written")
     parser.add_argument("--num-clips", type=int, default=300, help="clips in the demo dataset")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each clip")
+    parser.add_argument("--palette", choices=("families", "score"), default="families",
+                        help="instruments of the demo set: six distinct families, or each score's own (17)")
     parser.add_argument("--vae-steps", type=int, default=300, help="VAE training steps")
-    parser.add_argument("--dit-steps", type=int, default=1000, help="DiT training steps")
+    parser.add_argument("--dit-steps", type=int, default=2000, help="DiT training steps")
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size")
     args = parser.parse_args()
     out, py = Path(args.out), sys.executable
@@ -134,7 +135,7 @@ def main() -> int:
     chain = Chain()
     stages = [
         ("dataset", [py, "tools/make_demo_dataset.py", "--out", str(data), "--num-clips", str(args.num_clips),
-                     "--seconds", str(args.seconds), "--sample-rate", "16000", "--channels", "1"],
+                     "--seconds", str(args.seconds), "--sample-rate", "16000", "--channels", "1", "--palette", args.palette],
          data / "metadata.jsonl", lines, "clips", 0),
         ("shard", [py, "-m", "pipeline.shard", "--input", str(data), "--captions", str(data / "metadata.jsonl"),
                    "--output", str(shards), "--sample-rate", "16000", "--channels", "1", "--val-fraction", "0.1"],
