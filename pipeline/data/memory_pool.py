@@ -40,11 +40,11 @@ _POOL_MESSAGE = 4096
 _SLOT = struct.Struct("<iqqqqq")  # state, epoch, shard, data bytes, index bytes, record bytes
 _SLOT_HEADER = 64
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module does not name it
+_READ_CHUNK = 1024 * 1024
 
 
 def _pages(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
-_READ_CHUNK = 1024 * 1024
 
 
 def slot_bytes_for(shards: Sequence[ShardRef]) -> int:
@@ -125,40 +125,44 @@ class MemoryPool:
         and the next) into a free slot, at most `extra` shards beyond those live at `position`; True if one
         was fetched. Called by the fetcher processes."""
         with self._lock:
-            held: dict[tuple[int, int], int] = {}
-            free = []
-            for i in range(self.slots):
-                state, e, s, *_ = self._slot(i)
-                if state in (READY, REJECTED) and (e, self.schedule.last_step(e, s)) < position:
-                    self._set_slot(i, FREE)
-                    state = FREE
-                if state == FREE:
-                    free.append(i)
-                else:
-                    held[(e, s)] = i
-            if not free:
+            held, free = self._sweep(position)
+            target = self._next_to_fetch(position, held, extra) if free else None
+            if target is None:
                 return False
-            ahead = 0
-            for e in (position[0], position[0] + 1):
-                for s, first, last in self.schedule.shards(e):
-                    if (e, last) < position:
-                        continue
-                    if (e, first) > position:
-                        ahead += 1
-                        if ahead > extra:
-                            return False
-                    if (e, s) in held:
-                        continue
-                    slot = free[0]
-                    self._set_slot(slot, FILLING, e, s)
-                    break
-                else:
-                    continue
-                break
-            else:
-                return False
-        self._fill(slot, e, s)  # an error: the fetcher hands it to `fail`, and every waiting reader raises it
+            slot = free[0]
+            self._set_slot(slot, FILLING, *target)
+        self._fill(slot, *target)  # an error: the fetcher hands it to `fail`, and every waiting reader raises it
         return True
+
+    def _sweep(self, position: tuple[int, int]) -> tuple[dict[tuple[int, int], int], list[int]]:
+        """Free the slots of shards the rank is past; the held shards ({(epoch, shard): slot}) and the free slots."""
+        held, free = {}, []
+        for i in range(self.slots):
+            state, e, s, *_ = self._slot(i)
+            if state in (READY, REJECTED) and (e, self.schedule.last_step(e, s)) < position:
+                self._set_slot(i, FREE)
+                state = FREE
+            if state == FREE:
+                free.append(i)
+            else:
+                held[(e, s)] = i
+        return held, free
+
+    def _next_to_fetch(self, position: tuple[int, int], held: dict, extra: int) -> tuple[int, int] | None:
+        """The first (epoch, shard) in first-use order not held yet, unless more than `extra` shards start
+        after `position` before it."""
+        ahead = 0
+        for e in (position[0], position[0] + 1):
+            for s, first, last in self.schedule.shards(e):
+                if (e, last) < position:
+                    continue
+                if (e, first) > position:
+                    ahead += 1
+                    if ahead > extra:
+                        return None
+                if (e, s) not in held:
+                    return e, s
+        return None
 
     def _fill(self, slot: int, epoch: int, s: int) -> None:
         ref = self.shards[s]
