@@ -29,18 +29,18 @@ _ERROR_BYTES = 4096
 
 class Fetcher:
     """`step(position)` runs in the child: it fetches at most one shard and says whether it did (a source's
-    `prefetch_once`; when it did not, the child looks again after `idle_seconds`); `on_error(message)` also runs there, once, on the first error (the memory pool wakes its
-    waiting readers with it)."""
+    `prefetch_once`; when it did not, the child looks again after `idle_seconds`). The first error is kept in
+    shared memory, where the rank and every reader waiting on a shard find it (`raise_error`)."""
 
     def __init__(self, step: Callable[[tuple[int, int]], bool], *, processes: int, position: tuple[int, int],
-                 idle_seconds: float, on_error: Callable[[str], None] = lambda message: None):
+                 idle_seconds: float):
         self.mem = mmap.mmap(-1, _ERROR_AT + _ERROR_BYTES)
         self.set_position(position)
         context = multiprocessing.get_context("fork")
         self._error_lock = context.Lock()
         parent = os.getpid()
-        self.processes = [context.Process(target=self._run, args=(step, parent, on_error, idle_seconds), name=f"shard-fetcher-{i}",
-                                          daemon=True) for i in range(processes)]
+        self.processes = [context.Process(target=self._run, args=(step, parent, idle_seconds),
+                                          name=f"shard-fetcher-{i}", daemon=True) for i in range(processes)]
         for p in self.processes:
             p.start()
         self.pids = [p.pid for p in self.processes]
@@ -64,7 +64,7 @@ class Fetcher:
         self.mem[_ERROR_AT:_ERROR_AT + len(data)] = data
         _FLAG.pack_into(self.mem, _ERROR_LENGTH_AT, len(data))  # published after the message
 
-    def _run(self, step, parent: int, on_error, idle_seconds: float) -> None:
+    def _run(self, step, parent: int, idle_seconds: float) -> None:
         die_with_parent(parent)(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the rank's to handle; it stops us
         try:
@@ -74,9 +74,7 @@ class Fetcher:
         except Exception as e:  # noqa: BLE001 - handed to the rank, raised at its next batch
             with self._error_lock:
                 if self.error() is None:
-                    message = str(e) or type(e).__name__
-                    self._set_error(message)
-                    on_error(message)
+                    self._set_error(str(e) or type(e).__name__)
 
     def raise_error(self) -> None:
         """Raise the fetchers' error, "stopped" once the rank stopped them, or "died" when one is gone without

@@ -477,8 +477,7 @@ class LatentLoader:
         fetcher = None
         if source is not None and self.fetchers > 0:
             fetcher = Fetcher(step, processes=self.fetchers, position=(self.epoch, self.batch),
-                              idle_seconds=source.IDLE_SECONDS,
-                              on_error=source.fail if isinstance(source, MemoryPool) else lambda message: None)
+                              idle_seconds=source.IDLE_SECONDS)
         if source is not None:
             source.fetcher = fetcher  # before the workers fork: they copy it
         loader = torch.utils.data.DataLoader(
@@ -503,8 +502,6 @@ class LatentLoader:
                     fetcher.set_position((self.epoch, self.batch))
                 yield batch
         finally:
-            if isinstance(source, MemoryPool):  # workers waiting for a shard nobody will fetch now: let them go
-                source.fail("the loader was stopped")
             if fetcher is not None:
                 fetcher.stop()  # readers waiting for it raise "stopped" and let the workers go
             del batches

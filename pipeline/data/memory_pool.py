@@ -15,8 +15,7 @@ live at once with its workers running ahead (`needed_slots`, about two blocks), 
 process killed while holding one would stop them all): each slot's header is written last, and a reader
 checks it again after copying.
 
-Layout: a pool header (`state`, message length, message: the first error, which every waiting reader raises)
-then, per slot, a header (`state`, epoch, shard, data bytes, index bytes, record bytes) and its bytes: the
+Layout: per slot, a header (`state`, epoch, shard, data bytes, index bytes, record bytes) and its bytes: the
 shard, then its index JSON (or a reject record for a rejected shard).
 """
 from __future__ import annotations
@@ -35,8 +34,6 @@ from pipeline.data.shard_cache import (WAIT_POLL_SECONDS, WAIT_SECONDS, Schedule
                                        index_of, reject_record)
 
 FREE, FILLING, READY, REJECTED = 0, 1, 2, 3
-_POOL = struct.Struct("<ii")  # state (0 ok, 1 failed), message length
-_POOL_MESSAGE = 4096
 _SLOT = struct.Struct("<iqqqqq")  # state, epoch, shard, data bytes, index bytes, record bytes
 _SLOT_HEADER = 64
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; Python's mmap module does not name it
@@ -81,8 +78,7 @@ class MemoryPool:
     def __init__(self, shards: list[ShardRef], *, slots: int, slot_bytes: int):
         self.shards, self.slots, self.slot_bytes = shards, slots, slot_bytes
         self.stride = _pages(_SLOT_HEADER + slot_bytes)
-        self.base = _pages(_POOL.size + _POOL_MESSAGE)
-        self.mem = mmap.mmap(-1, self.base + slots * self.stride)  # MAP_SHARED | MAP_ANONYMOUS
+        self.mem = mmap.mmap(-1, slots * self.stride)  # MAP_SHARED | MAP_ANONYMOUS
         self._populate(largest=max(s.bytes for s in shards))
         self.schedule: Schedule | None = None
         self.fetcher = None
@@ -95,29 +91,16 @@ class MemoryPool:
         fails at its start rather than mid-epoch. Elsewhere the pages come as they are written."""
         for i in range(self.slots):
             with contextlib.suppress(OSError, ValueError):
-                self.mem.madvise(_MADV_POPULATE_WRITE, self.base + i * self.stride, _pages(_SLOT_HEADER + largest))
+                self.mem.madvise(_MADV_POPULATE_WRITE, i * self.stride, _pages(_SLOT_HEADER + largest))
 
     # headers
     def _slot(self, i: int) -> tuple[int, int, int, int, int, int]:
-        at = self.base + i * self.stride
+        at = i * self.stride
         return _SLOT.unpack_from(self.mem, at)
 
     def _set_slot(self, i: int, state: int, epoch: int = -1, s: int = -1, data: int = 0, index: int = 0,
                   record: int = 0) -> None:
-        _SLOT.pack_into(self.mem, self.base + i * self.stride, state, epoch, s, data, index, record)
-
-    def fail(self, message: str) -> None:
-        """Every reader waiting on this pool raises `message` (a fetch that failed, a pool too small, the loader
-        stopped); the first message stays."""
-        if self._failed() is not None:
-            return
-        data = message.encode()[:_POOL_MESSAGE]
-        self.mem[_POOL.size:_POOL.size + len(data)] = data
-        _POOL.pack_into(self.mem, 0, 1, len(data))
-
-    def _failed(self) -> str | None:
-        state, n = _POOL.unpack_from(self.mem, 0)
-        return self.mem[_POOL.size:_POOL.size + n].decode(errors="replace") if state else None
+        _SLOT.pack_into(self.mem, i * self.stride, state, epoch, s, data, index, record)
 
     # the fetchers: fetch ahead, free what is done
     def prefetch_once(self, position: tuple[int, int], extra: int) -> bool:
@@ -131,7 +114,7 @@ class MemoryPool:
                 return False
             slot = free[0]
             self._set_slot(slot, FILLING, *target)
-        self._fill(slot, *target)  # an error: the fetcher hands it to `fail`, and every waiting reader raises it
+        self._fill(slot, *target)  # an error: the fetcher records it, and every waiting reader raises it
         return True
 
     def _sweep(self, position: tuple[int, int]) -> tuple[dict[tuple[int, int], int], list[int]]:
@@ -166,7 +149,7 @@ class MemoryPool:
 
     def _fill(self, slot: int, epoch: int, s: int) -> None:
         ref = self.shards[s]
-        at = self.base + slot * self.stride + _SLOT_HEADER
+        at = slot * self.stride + _SLOT_HEADER
         verifier, size, view = Verifier(ref), 0, memoryview(self.mem)
         try:
             with storage.open_read(ref.url) as f:  # read straight into the slot, hashed there
@@ -202,16 +185,13 @@ class MemoryPool:
                 state, e, shard, data, index, record = self._slot(i)
                 if (e, shard) != (epoch, s) or state not in (READY, REJECTED):
                     continue
-                at = self.base + i * self.stride + _SLOT_HEADER
+                at = i * self.stride + _SLOT_HEADER
                 if state == REJECTED:
                     raise ShardRejected(json.loads(self.mem[at: at + record]))
                 members = tar_index.decode(self.mem[at + data: at + data + index], shard=self.shards[s].url,
                                            where="in the memory pool", size=data, sha256=self.shards[s].sha256)
                 return PoolShard(self, i, epoch, s, members)
-            failed = self._failed()
-            if failed is not None:
-                raise storage.StorageError(failed)
-            if self.fetcher is not None:
+            if self.fetcher is not None:  # its error, "stopped" or "died": nobody will fill the slot
                 self.fetcher.raise_error()
             if time.monotonic() > deadline:
                 raise storage.StorageError(f"{self.shards[s].url}: not in this rank's memory pool after "
@@ -224,7 +204,7 @@ class PoolShard:
 
     def __init__(self, pool: MemoryPool, slot: int, epoch: int, s: int, members: list[tar_index.Member]):
         self.pool, self.slot, self.key, self.members = pool, slot, (epoch, s), members
-        self.at = pool.base + slot * pool.stride + _SLOT_HEADER
+        self.at = slot * pool.stride + _SLOT_HEADER
 
     def __getitem__(self, part: slice) -> bytes:
         data = self.pool.mem[self.at + part.start: self.at + part.stop]
