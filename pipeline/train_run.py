@@ -247,12 +247,10 @@ class TrainRun:
 
     def save(self, engine, step: int, *, client: dict, generators: dict, ema, export_tensors,
              extra: dict | None = None) -> None:
-        """Collective: checkpoint, export and ledger entry for `step`, then the metrics file."""
+        """Collective: checkpoint, export, metrics file and ledger entry for `step`."""
         save_and_publish(self.outputs, engine, step=step, client=client, config_sha256=self.cfg.sha256,
                          generators=generators, ema=ema, export_tensors=export_tensors, model_config=self.cfg.raw,
                          ledger_header=self.header, keep_last=self.args.keep_last, extra=extra)
-        if self.denv.rank == 0:
-            self.outputs.sync_metrics()
 
     def log(self, record: dict, line: str, *values) -> None:
         """Rank 0: the record into the metrics file and W&B, and `line % values` into the log."""

@@ -1,8 +1,9 @@
 """The train stage's outputs: `<out>/config.json`, `<out>/checkpoints/<tag>/`, the ledger, `metrics.jsonl`.
 
 `RunOutputs` knows the URLs and the local staging folder. The checkpoint sequence (all ranks, then rank 0):
-save every rank's part, upload (S3), consolidate the export, write `<tag>/ema.safetensors`, rewrite the
-ledger, delete what `--keep-last` dropped. The ledger never lists an incomplete checkpoint.
+save every rank's part, upload (S3), consolidate the export, write `<tag>/ema.safetensors`, copy the metrics
+file, rewrite the ledger, delete what `--keep-last` dropped. The ledger never lists an incomplete checkpoint, and
+the stored metrics file holds every step the ledger lists (a resume keeps those lines and redoes the rest).
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def save_and_publish(outputs: RunOutputs, engine, *, step: int, client: dict, co
         removed: list[manifest.CheckpointEntry] = []
         if keep_last is not None:
             ledger, removed = ledger.keep_last(keep_last)
+        # before the ledger: a rank killed after it (a peer fails at the barrier below) loses no metrics line
+        outputs.sync_metrics()
         manifest.write_ledger(outputs.ledger, ledger)  # first the ledger, then the files it no longer lists
         for old in removed:
             storage.delete_tree(old.checkpoint_url)
