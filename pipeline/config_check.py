@@ -10,8 +10,9 @@ import logging
 import sys
 
 from pipeline.backbones import ROUTES
-from pipeline.config import (ConfigError, MissingPackageError, ModelConfig, load_dataset_config,
-                             load_model_config, read_json)
+from pipeline.config import ModelConfig, load_model_config
+from pipeline.config_dataset import load_dataset_config
+from pipeline.config_json import ConfigError, MissingPackageError, read_json
 
 MAX_PARAMETERS = 10**12
 """`check` refuses models above this many parameters (4 TB of fp32 weights) without allocating them."""

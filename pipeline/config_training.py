@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.arguments import check_arguments
+from pipeline.config_json import show
 from pipeline.diffusion.losses import LOSS_TYPES, TIMESTEP_WEIGHTINGS, LossTerm
 from pipeline.diffusion.optim import DEEPSPEED_OPTIMIZERS, InverseLR
 
@@ -117,7 +118,7 @@ def parse_optimizer_configs(value: Any, key: str = "training.optimizer_configs")
         optimizer = _typed_block(section["optimizer"], f"{gkey}.optimizer")
         lr = optimizer.config.get("lr", 0.0)  # a string would otherwise fail inside the optimizer at step 1
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"{gkey}.optimizer.config.lr: expected a number >= 0, got {_show(lr)}")
+            raise ValueError(f"{gkey}.optimizer.config.lr: expected a number >= 0, got {show(lr)}")
         cls = optimizer_class(optimizer)
         if cls is not None:
             _check_config(cls, optimizer, "params")
@@ -127,11 +128,6 @@ def parse_optimizer_configs(value: Any, key: str = "training.optimizer_configs")
             _check_config(scheduler_class(scheduler), scheduler, "optimizer")
         groups[group] = OptimizerGroup(optimizer=optimizer, scheduler=scheduler)
     return groups
-
-
-def _show(value: Any) -> str:
-    import json
-    return json.dumps(value)
 
 
 def _number(value: Any, key: str, minimum: float | None = None) -> float:
@@ -194,7 +190,7 @@ def parse_autoencoder_losses(value: Any, key: str = "training.loss_configs") -> 
         block = _object(block, bkey)
         kind = block.get("type")
         if kind is not None and not isinstance(kind, str):
-            raise ValueError(f"{bkey}.type: expected a string, got {_show(kind)}")
+            raise ValueError(f"{bkey}.type: expected a string, got {show(kind)}")
         weights = _object(block.get("weights", {}), f"{bkey}.weights")
         blocks[name] = LossBlock(type=kind, config=dict(_object(block.get("config", {}), f"{bkey}.config")),
                                  weights={k: _number(v, f"{bkey}.weights.{k}") for k, v in weights.items()},

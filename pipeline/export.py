@@ -23,7 +23,8 @@ import torch
 
 from pipeline import manifest, storage
 from pipeline.cli import USER_ERRORS, report_error
-from pipeline.config import ConfigError, load_model_config, read_json
+from pipeline.config import load_model_config
+from pipeline.config_json import ConfigError, read_json
 from pipeline.distributed.checkpoint import fetch, zero_fp32_state_dict
 from pipeline.export_file import MODEL_CONFIG_KEY, read_export, write_export
 from pipeline.models.weights import check_layout as check_tensor_layout

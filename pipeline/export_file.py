@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.models.weights import read_safetensors, safetensors_header
 
 MODEL_CONFIG_KEY = "model_config"

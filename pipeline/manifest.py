@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import canonical_json
+from pipeline.config_json import canonical_json
 
 FORMAT = "cantus.manifest/1"
 STAGES = ("shard", "pre_encode", "train", "render")

@@ -39,7 +39,8 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import manifest as mf
 from pipeline import stage_driver, storage
-from pipeline.config import ConfigError, PretransformConfig, load_model_config
+from pipeline.config import PretransformConfig, load_model_config
+from pipeline.config_json import ConfigError
 from pipeline.data import audio as audio_io
 from pipeline.data.shards import ShardCheck, ShardWriter, VerifiedShard, read_sample_json
 from pipeline.data.workers import die_with_parent

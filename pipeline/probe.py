@@ -42,7 +42,8 @@ from safetensors.torch import load as load_safetensors
 from pipeline import manifest as mf
 from pipeline import storage
 from pipeline.cli import USER_ERRORS, report_error
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.config_json import ConfigError
 from pipeline.data.latents import derived_seed
 from pipeline.data.shards import iter_samples, read_json
 from pipeline.diffusion import Guidance, create_objective

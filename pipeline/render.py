@@ -32,7 +32,8 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline import stage_driver, storage
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.config_json import ConfigError
 from pipeline.generate import generate
 from pipeline.models import create_model_from_config
 from pipeline.render_plan import (Checkpoint, load_checkpoint_config, load_checkpoint_weights, plan_items, read_prompts,

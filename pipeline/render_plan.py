@@ -17,7 +17,8 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline import storage
-from pipeline.config import ConfigError, DemoConfig, ModelConfig, load_model_config, sha256_of
+from pipeline.config import DemoConfig, ModelConfig, load_model_config
+from pipeline.config_json import ConfigError, sha256_of
 from pipeline.diffusion import create_sampler
 from pipeline.export_file import MODEL_CONFIG_KEY, embedded_config, read_export, read_metadata
 from pipeline.generate import latent_length, latent_unit

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pipeline import manifest as mf
 from pipeline import storage
 from pipeline.cli import USER_ERRORS, report_error
-from pipeline.config import canonical_json
+from pipeline.config_json import canonical_json
 from pipeline.tasks import TaskSlot, task_count, task_slot
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -107,7 +107,7 @@ def read_data(url: str) -> tuple[manifest.Manifest, bool]:
     data carries a pretransform identity (SAT's pre-encoded folders do not)."""
     if not (url.endswith(".json") and not url.endswith("manifest.json")):
         return manifest.read_manifest(url, stage="pre_encode"), True
-    from pipeline.config import load_dataset_config
+    from pipeline.config_dataset import load_dataset_config
     from pipeline.data.latents import count_npy
 
     sat = load_dataset_config(url)

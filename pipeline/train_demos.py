@@ -28,7 +28,8 @@ import os
 import torch
 
 from pipeline import storage
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.config_json import ConfigError
 from pipeline.diffusion import create_sampler
 from pipeline.distributed import collectives
 from pipeline.distributed.ema import ShardedEMA

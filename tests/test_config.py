@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, load_dataset_config, load_model_config, parse_autoencoder,
-                             parse_conditioning, parse_pretransform)
+from pipeline.config import load_model_config, parse_autoencoder, parse_conditioning, parse_pretransform
+from pipeline.config_dataset import load_dataset_config
+from pipeline.config_json import ConfigError
 
 from pipeline.models.weights import architecture_sha256
 

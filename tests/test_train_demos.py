@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import manifest
-from pipeline.config import ConfigError, load_model_config
+from pipeline.config import load_model_config
+from pipeline.config_json import ConfigError
 from pipeline.generate import generate
 from pipeline.models.factory import create_model_from_config
 from pipeline.train_demos import DemoRenderer, ema_parameters, ema_weights, plan_demos

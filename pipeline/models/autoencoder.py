@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.config import AutoencoderConfig, ConfigError, MissingPackageError, ModuleConfig, PretransformConfig
+from pipeline.config import AutoencoderConfig, ModuleConfig, PretransformConfig
+from pipeline.config_json import ConfigError, MissingPackageError
 from pipeline.arguments import check_arguments
 from pipeline.models.blocks import ResidualUnit, WNConv1d, WNConvTranspose1d, activation
 from pipeline.models.bottlenecks import Bottleneck, create_bottleneck

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.config_training import LossBlock
 from pipeline.models.blocks import WNConv2d
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import ConfigError, MissingPackageError
+from pipeline.config_json import ConfigError, MissingPackageError
 
 # SAT's std floor: std = softplus(scale) + 1e-4, so a latent never collapses to a point.
 VAE_STD_FLOOR = 1e-4

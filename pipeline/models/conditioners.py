@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import TEXT_MODEL_PACKAGES, MissingPackageError
+from pipeline.config import TEXT_MODEL_PACKAGES
+from pipeline.config_json import MissingPackageError
 from pipeline.arguments import check_arguments
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from typing import Callable
 
 from torch import nn
 
-from pipeline.config import ConfigError, DiffusionConfig, ModelConfig, load_model_config
+from pipeline.config import DiffusionConfig, ModelConfig, load_model_config
+from pipeline.config_json import ConfigError
 from pipeline.arguments import check_arguments
 from pipeline.models.conditioners import create_multi_conditioner_from_conditioning_config
 from pipeline.models.diffusion_wrapper import (ConditionedDiffusionModelWrapper, DiffusionModelWrapper,

@@ -12,7 +12,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from pipeline.config import ConfigError, MissingPackageError, PretransformConfig
+from pipeline.config import PretransformConfig
+from pipeline.config_json import ConfigError, MissingPackageError
 from pipeline.models.autoencoder import build_autoencoder
 from pipeline.models.bottlenecks import VAEBottleneck, vae_mean_std
 

@@ -553,7 +553,7 @@ class UNet1DUncondWrapper(nn.Module):
 def construct_checked(cls: type, config: dict, key_path: str, accepted: Sequence) -> nn.Module:
     """`cls(**config)` after `check_arguments` against `accepted` (callables whose signatures together make
     up what `cls` takes)."""
-    from pipeline.config import ConfigError  # imported here: model code stays usable without the config layer
+    from pipeline.config_json import ConfigError  # imported here: model code stays usable without the config layer
 
     try:
         check_arguments(config, key_path, cls.__name__, accepted)

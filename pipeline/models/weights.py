@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 
-from pipeline.config import canonical_json
+from pipeline.config_json import canonical_json
 
 PRETRANSFORM_PREFIX = "pretransform.model."
 ARCHITECTURE_KEYS = ("encoder", "decoder", "bottleneck", "latent_dim", "downsampling_ratio", "io_channels")

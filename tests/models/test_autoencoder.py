@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import ConfigError, MissingPackageError, load_model_config
+from pipeline.config import load_model_config
+from pipeline.config_json import ConfigError, MissingPackageError
 from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.blocks import SnakeBeta, WNConv1d, WNConvTranspose1d, fold_weight_norm
 from pipeline.models.bottlenecks import VAE_STD_FLOOR, VAEBottleneck, create_bottleneck, vae_mean_std

@@ -9,7 +9,7 @@ import pytest
 import scipy.signal
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.config_training import parse_autoencoder_losses
 from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.autoencoder_losses import (MultiResolutionSTFTLoss, SpectralLoss, a_weighting_fir,

@@ -4,7 +4,7 @@ break in the DiT's training forward or in a guided (CFG) call with a CFG interva
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.models import create_model_from_config
 from pipeline.models.compile import transformer_blocks
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.config import MissingPackageError
+from pipeline.config_json import MissingPackageError
 import torch
 
 from pipeline.config import parse_conditioning

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.diffusion import Guidance
 from pipeline.models import create_model_from_config
 from pipeline.models.conditioning import Conditioning

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config_json import ConfigError
 from pipeline.models.factory import create_autoencoder_from_config
 from pipeline.models.blocks import Snake1d
 from pipeline.models.dac import DACEncoderWrapper, DACResidualUnit

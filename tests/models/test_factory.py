@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_model_config
+from pipeline.config import load_model_config
+from pipeline.config_json import ConfigError
 from pipeline.models import create_model_from_config
 from pipeline.models.factory import COND_BACKBONES
 from test_dit import tiny_config  # tests/models is on sys.path (pytest rootdir-less import)

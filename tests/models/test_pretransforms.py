@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, MissingPackageError, load_model_config, parse_pretransform
+from pipeline.config import load_model_config, parse_pretransform
+from pipeline.config_json import ConfigError, MissingPackageError
 from pipeline.models.pretransforms import AutoencoderPretransform, create_pretransform_from_config
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
