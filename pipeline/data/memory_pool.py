@@ -11,7 +11,8 @@ no batch a worker builds later is earlier.
 Memory: `slots x slot_bytes`; the pages of the largest shard in each slot are committed when the pool is
 mapped (`_populate`), the index room only as it is written. `slots` is the most shards the rank's plan has
 live at once with its workers running ahead (`needed_slots`, about two blocks), plus `prefetch_shards`;
-`slot_bytes` is the largest shard in the manifest plus room for its index. Readers never take a lock (a
+`slot_bytes` is the largest shard in the manifest plus room for its index; a pool over half the node's memory
+is refused before it is mapped, naming the largest shard (the manifest's sizes are untrusted). Readers never take a lock (a
 process killed while holding one would stop them all): each slot's header is written last, and a reader
 checks it again after copying.
 
@@ -24,6 +25,7 @@ import contextlib
 import json
 import mmap
 import multiprocessing
+import os
 import struct
 import time
 from typing import Sequence
@@ -75,15 +77,29 @@ class MemoryPool:
     IDLE_SECONDS = 0.005
     """An idle fetcher's next look (a look reads the slot headers: ~5 us)."""
 
+    MAX_MEMORY_FRACTION = 0.5
+    """Of the node's physical memory, the most one rank's pool may map (the manifest's `bytes` sizes it)."""
+
     def __init__(self, shards: list[ShardRef], *, slots: int, slot_bytes: int):
         self.shards, self.slots, self.slot_bytes = shards, slots, slot_bytes
         self.stride = _pages(_SLOT_HEADER + slot_bytes)
+        self._check_fits(slots * self.stride)
         self.mem = mmap.mmap(-1, slots * self.stride)  # MAP_SHARED | MAP_ANONYMOUS
         self._populate(largest=max(s.bytes for s in shards))
         self.schedule: Schedule | None = None
         self.fetcher = None
         """The rank's fetchers (`fetcher.py`), set before the workers fork: a waiting reader raises their death."""
         self._lock = multiprocessing.get_context("fork").Lock()  # the fetchers' only; readers take none
+
+    def _check_fits(self, need: int) -> None:
+        """The manifest is untrusted: one shard it says is huge must fail here, naming it, not in the kernel."""
+        node = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if need > node * self.MAX_MEMORY_FRACTION:
+            largest = max(self.shards, key=lambda s: s.bytes)
+            raise ValueError(f"{largest.url}: the manifest gives this shard {largest.bytes} bytes; --cache-gb 0 would "
+                             f"hold {self.slots} shards of that size in memory ({need / 2**30:.1f} GiB), more than "
+                             f"{self.MAX_MEMORY_FRACTION:.0%} of this node's {node / 2**30:.1f} GiB: write smaller "
+                             f"shards or give --cache-gb a disk budget")
 
     def _populate(self, largest: int) -> None:
         """Commit the pages each slot's shard will use now (Linux >= 5.14), not on first touch: the first

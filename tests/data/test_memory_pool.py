@@ -39,3 +39,23 @@ def test_a_shard_far_larger_than_its_manifest_entry_is_rejected_before_it_overfl
     with pytest.raises(ValueError, match=rf"{target['url']}: bytes is more than \d+, the manifest says "
                                          rf"{target['bytes']}.*exceed --max-reject-fraction"):
         list(itertools.islice(iter(lo), 4))
+
+
+def test_a_manifest_that_claims_a_huge_shard_is_refused_by_name_before_any_memory_is_mapped(s3_bucket, tmp_path):
+    """The manifest is untrusted and its `bytes` sizes the pool: a claimed petabyte is one error naming the shard,
+    not a failed or overcommitted map of slots x 1 PB."""
+    import dataclasses
+    url = trainkit.write_latent_shards(f"s3://{s3_bucket}/claims", shards=2, per_shard=4)
+    refs = shard_refs(manifest.read_manifest(url).outputs)
+    refs[1] = dataclasses.replace(refs[1], bytes=2**50)
+    ds = ShardDataset(refs, CropSpec(frames=8, samples_per_frame=4, sample_rate=16), seed=3,
+                      cache_dir=str(tmp_path), cache_bytes=0)
+    lo = LatentLoader(ds, rank=0, world_size=1, batch_size=2, seed=3, knobs=ShuffleKnobs(block_shards=2, window=0))
+    with pytest.raises(ValueError, match=rf"{refs[1].url}: the manifest gives this shard {2**50} bytes; --cache-gb 0 "
+                                         rf"would hold \d+ shards of that size in memory \(\d+\.\d GiB\), more than "
+                                         rf"50% of this node's"):
+        next(iter(lo))
+    healthy = LatentLoader(ShardDataset(shard_refs(manifest.read_manifest(url).outputs), ds.spec, seed=3,
+                                        cache_dir=str(tmp_path / "again"), cache_bytes=0),
+                           rank=0, world_size=1, batch_size=2, seed=3, knobs=ShuffleKnobs(block_shards=2, window=0))
+    assert len(list(itertools.islice(iter(healthy), 4))) == 4
