@@ -1,7 +1,7 @@
-"""SAT's dataset configs (its four types), checked by `python -m pipeline.config check`.
+"""SAT's dataset configs (its four types), with errors that name the key as the model config's do.
 
-Our stages read their data as a manifest URL; these configs are parsed so that a user's SAT dataset config is
-checked with errors that name the key, as the model config is.
+Our stages read their data as a manifest URL. `python -m pipeline.config check` checks a user's SAT dataset
+config, and train takes an SAT `pre_encoded` one as `--data` (a folder of `.npy` latents).
 """
 from __future__ import annotations
 
