@@ -41,7 +41,7 @@ from pipeline.diffusion.timesteps import create_distribution_shift, create_times
 from pipeline.distributed import env
 from pipeline.distributed import engine as ds_setup
 from pipeline.distributed.ema import ShardedEMA
-from pipeline.distributed.stop import catch_early
+from pipeline.distributed.stop import catch_early, release_early
 from pipeline.models.conditioning import Conditioning
 from pipeline.train_demos import DemoRenderer, ema_parameters, plan_demos
 from pipeline.train_args import TrainArgs
@@ -122,6 +122,13 @@ def read_data(url: str) -> tuple[manifest.Manifest, bool]:
 def main(argv: list[str] | None = None) -> int:
     args = TrainArgs.from_namespace(build_parser().parse_args(argv))
     catch_early()  # a stop signal before the loop starts is kept for it, not fatal
+    try:
+        return _train(args)
+    finally:
+        release_early()
+
+
+def _train(args: TrainArgs) -> int:
     denv = env.detect(local_rank_arg=args.local_rank)
     env.init_logging(denv.rank)
     cfg = load_model_config(args.model_config)

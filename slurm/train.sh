@@ -109,18 +109,19 @@ if [ "$status" = "$EX_TEMPFAIL" ] && [ "$got_signal" != TERM ]; then
         "not requeueing; resubmit to resume"
     exit "$status"
   fi
-  # The requeue sends this job's processes SIGTERM (SIGKILL after KillWait): ignore it (the scontrol
-  # children inherit that), so this block finishes.
   log "stopped before --max-steps=$MAX_STEPS: requeueing job $SLURM_JOB_ID (requeue $((${SLURM_RESTART_COUNT:-0} + 1)) of $MAX_REQUEUES)"
-  trap '' TERM
-  scontrol requeue "$SLURM_JOB_ID"
   # SLURM holds a requeued job for the credential lifetime (AuthInfo cred_expire, 120 s by default)
   # once it has finished completing; `scontrol update StartTime=now` lifts that, but only once the hold
   # is set, when this script no longer runs. So a detached helper watches the job and lifts the hold
   # each time it sees it (a slow controller may set it late, or ignore an early update) until the job
-  # runs again (its restart count went up), is gone, or has pended for another reason for 30 s; it
-  # gives up after 30 minutes. Where the node's process tracking (cgroup) kills it with the job, the
-  # job simply starts after the hold.
+  # runs again (its restart count went up), is gone, or has pended for a named reason other than the
+  # hold for 60 s (reason None: not evaluated yet, as while a loaded node finishes completing); it gives
+  # up after 30 minutes. It starts before the requeue, in its own session: the requeue's SIGKILL (KillWait
+  # after its SIGTERM) reaches the job's process group, and on a loaded node this script may not get past
+  # `scontrol requeue` before it. Where the node's process tracking (cgroup) kills it with the job anyway,
+  # the job simply starts after the hold. The requeue's SIGTERM is ignored from here on (the helper and
+  # scontrol inherit that), so this block finishes.
+  trap '' TERM
   setsid --fork bash -c 'restarts="$2"; deadline=$((SECONDS + 1800)); other=0
     while [ "$SECONDS" -lt "$deadline" ]; do
       sleep 0.5
@@ -131,10 +132,14 @@ if [ "$status" = "$EX_TEMPFAIL" ] && [ "$got_signal" != TERM ]; then
       case "${state:-}" in
         "") exit ;;  # left the queue
         PENDING)
-          if [ "$reason" = BeginTime ]; then scontrol update JobId="$1" StartTime=now >/dev/null 2>&1; other=0
-          else other=$((other + 1)); [ "$other" -lt 60 ] || exit; fi ;;
+          case "$reason" in
+            BeginTime) scontrol update JobId="$1" StartTime=now >/dev/null 2>&1; other=0 ;;
+            None) ;;
+            *) other=$((other + 1)); [ "$other" -lt 120 ] || exit ;;
+          esac ;;
         RUNNING|CONFIGURING|COMPLETED|FAILED|CANCELLED|TIMEOUT) [ "${count:-0}" -le "$restarts" ] || exit ;;
       esac
     done' requeue-kick "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" </dev/null >/dev/null 2>&1
+  scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"

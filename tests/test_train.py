@@ -188,11 +188,15 @@ def load_file_url(url, setup):
 
 
 def test_latents_of_another_pretransform_are_refused(setup, tmp_path):
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     other = trainkit.write_vae(str(tmp_path / "other.safetensors"), seed=1)
     argv = _argv(setup, str(tmp_path / "out"), 2, 5, "--dry-run")
     assert main(argv) == 0  # the matching VAE passes
     with pytest.raises(ValueError, match="another pretransform.*weights_sha256"):
         main([*argv, "--pretransform-ckpt", other["weights_url"]])
+    # neither the dry run nor the refusal leaves train's stop-signal handlers in this process
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     scaled = trainkit.write_json(str(tmp_path / "scaled.json"), trainkit.tiny_dit_config(scale=2.0))
     with pytest.raises(ValueError, match="another pretransform.*scale"):
         main([*argv, "--model-config", scaled])

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import time
 
@@ -264,6 +265,9 @@ _fluid = None
 
 def _init_worker() -> None:
     global _fluid
+    # A forked worker inherits its parent's handlers; one that catches SIGTERM (a trainer's stop flag, in a test
+    # process) would make the worker outlive Pool.terminate(), and the pool's exit would wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import fluidsynth
     lib = fluidsynth._fl  # float output: pyfluidsynth's get_samples gives dithered int16 only
     lib.fluid_synth_write_float.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,

@@ -45,6 +45,16 @@ def catch_early(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         _original.setdefault(s, signal.signal(s, lambda signum, frame: _early.append(signum)))
 
 
+def release_early() -> None:
+    """Put back what `catch_early` replaced when no `StopFlag` took it over (set-up failed, a dry run): a caller
+    that goes on in this process (a test, a notebook) must not keep a handler that swallows SIGTERM, or the
+    worker processes it forks later outlive their pool's terminate()."""
+    for s, handler in _original.items():
+        signal.signal(s, handler)
+    _original.clear()
+    _early.clear()
+
+
 class StopFlag:
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.received: int | None = _early[-1] if _early else None  # a signal during set-up counts

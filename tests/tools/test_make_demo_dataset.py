@@ -104,3 +104,26 @@ def test_tied_notes_merge_like_music21s_strip_ties():
         want = sorted((float(n.offset) * 0.5, (float(n.offset) + float(n.duration.quarterLength)) * 0.5, p.midi)
                       for n in part.stripTies().flatten().notes for p in n.pitches)
         assert demo.part_notes(part, 0.5) == want
+
+
+
+def _sigterm_is_default() -> bool:
+    import signal
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_render_worker_dies_on_sigterm_even_when_its_parent_catches_it():
+    """Pool.terminate() ends workers that missed its sentinel with SIGTERM. A parent that catches SIGTERM (a
+    trainer's stop flag, in a test process) must not hand that handler to its forked workers, or the pool's exit
+    waits for them forever (seen once in CI)."""
+    import multiprocessing
+    import signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with multiprocessing.get_context("fork").Pool(1, initializer=demo._init_worker) as pool:
+            in_worker = pool.apply(_sigterm_is_default)
+            pool.close()
+            pool.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert in_worker
