@@ -3,6 +3,7 @@ through a hidden temp file, fsync and rename; conditional writes through exclusi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -31,21 +32,36 @@ def put_conditional(url: str, data: bytes, if_match: str | None) -> str | None:
     aside = None
     try:
         version = _local_version(os.stat(tmp))
-        if if_match is not None:
-            aside = _local_aside(url, if_match)
-            if aside is None:
+        with _folder_turn(_path(url)):
+            if if_match is not None:
+                aside = _local_aside(url, if_match)
+                if aside is None:
+                    return None
+            try:
+                with _local_errors(url):
+                    os.link(tmp, _path(url))  # fails if the name exists: exclusive create of a complete file
+                    _fsync_dir(os.path.dirname(_path(url)))
+            except FileExistsError:
                 return None
-        try:
-            with _local_errors(url):
-                os.link(tmp, _path(url))  # fails if the name exists: exclusive create of a complete file
-                _fsync_dir(os.path.dirname(_path(url)))
-        except FileExistsError:
-            return None
         return version
     finally:
         os.unlink(tmp)
         if aside is not None:
             os.unlink(aside)
+
+
+@contextlib.contextmanager
+def _folder_turn(path: str):
+    """Conditional writes in one folder take turns (flock on the folder: no lock file is left behind). A
+    replacement renames the old file aside before linking the new one in, and a put-if-absent must not win the
+    name in that instant. Where the file system refuses the lock (some NFS), the writes go on without it."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def exists(url: str) -> bool:

@@ -128,6 +128,8 @@ dist.init_process_group("gloo", store=env.rendezvous(d, 60), rank=d.rank, world_
 t = torch.ones(1)
 dist.all_reduce(t)
 print(f"rank {d.rank} of {d.world_size} sum {t.item():g}")
+dist.barrier()
+dist.destroy_process_group()  # left to interpreter exit, gloo's threads can die with the peer gone (exit 1)
 """
 
 
